@@ -1,0 +1,59 @@
+"""The adapter interface: what the algorithms may ask of a model family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..types import ArchShape
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    heads: int
+    ffn: int
+
+    def to_dict(self) -> dict:
+        return {"heads": self.heads, "ffn": self.ffn}
+
+
+class Adapter:
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    remote_file: str = ""          # file in adapters/remote copied next to saved weights
+
+    # --- structure -------------------------------------------------------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def shape(self, model: nn.Module) -> ArchShape:
+        raise NotImplementedError
+
+    def spec(self, model: nn.Module) -> list[LayerSpec]:
+        raise NotImplementedError
+
+    def group_size(self, model: nn.Module, kind: str) -> int:
+        raise NotImplementedError
+
+    def consumer(self, layer: nn.Module, kind: str) -> nn.Linear | None:
+        """The linear whose input columns are the structures of `kind` (None if the module is removed)."""
+        raise NotImplementedError
+
+    def residual_norm_input(self, layer: nn.Module, kind: str) -> nn.Module:
+        """The module whose forward input is the residual stream right after `kind` writes into it."""
+        raise NotImplementedError
+
+    def shrink_(self, layer: nn.Module, kind: str, kept: torch.Tensor, consumer_weight: torch.Tensor | None,
+                config) -> None:
+        """Keep only groups `kept` (sorted group indices) of `kind`; drop producers' rows; set the consumer's
+        kept columns to `consumer_weight` (d_out, len(kept)*group) if given. len(kept)==0 removes the module."""
+        raise NotImplementedError
+
+    # --- use ---------------------------------------------------------------------------------------
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def save_config_(self, model: nn.Module) -> None:
+        """Record the per-layer shapes and the remote-code entry points in model.config."""
+        raise NotImplementedError

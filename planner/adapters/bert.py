@@ -1,0 +1,151 @@
+"""BERT-shaped encoders (bert, roberta, xlm-roberta, electra; MiniLM is a bert).
+
+Block i: attention (Q,K,V produce heads of head_dim rows; the output projection W_O consumes them as
+columns) and FFN (intermediate.dense produces neurons; output.dense consumes them). Post-LN: each
+sub-block ends with LayerNorm(dense(h) + residual); a removed sub-block keeps LayerNorm(residual + bias).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..types import ArchShape
+from . import register
+from .base import Adapter, LayerSpec
+from .remote import modeling_planner_bert as remote
+
+# class name of a plain transformers model -> the Auto class that should load its pruned version
+_AUTO_FOR_SUFFIX = {
+    "Model": "AutoModel",
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForQuestionAnswering": "AutoModelForQuestionAnswering",
+    "ForMaskedLM": "AutoModelForMaskedLM",
+    "ForMultipleChoice": "AutoModelForMultipleChoice",
+    "ForPreTraining": "AutoModelForPreTraining",
+}
+
+
+def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    """A new Linear keeping output rows idx (producer side)."""
+    new = remote._linear_like(lin, out_features=len(idx))
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[idx])                 # (len(idx), d_in)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[idx])
+    return new
+
+
+def _cols(lin: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None) -> nn.Linear:
+    """A new Linear keeping input columns idx (consumer side), optionally with corrected weights."""
+    new = remote._linear_like(lin, in_features=len(idx))
+    with torch.no_grad():
+        w = lin.weight[:, idx] if weight is None else weight  # (d_out, len(idx))
+        new.weight.copy_(w.to(new.weight.dtype))
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new
+
+
+class BertAdapter(Adapter):
+    family = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta", "electra")
+    remote_file = "modeling_planner_bert.py"
+
+    def base(self, model):
+        return getattr(model, model.base_model_prefix, model)
+
+    def layers(self, model):
+        return self.base(model).encoder.layer
+
+    def shape(self, model) -> ArchShape:
+        c = model.config
+        return ArchShape(family=self.family, hidden=c.hidden_size, n_layers=c.num_hidden_layers,
+                         n_heads=c.num_attention_heads, head_dim=c.hidden_size // c.num_attention_heads,
+                         ffn=c.intermediate_size, vocab=c.vocab_size)
+
+    def layer_spec(self, layer) -> LayerSpec:
+        heads = 0 if isinstance(layer.attention, remote.RemovedAttention) else layer.attention.self.num_attention_heads
+        ffn = 0 if isinstance(layer.intermediate, remote.RemovedIntermediate) else layer.intermediate.dense.out_features
+        return LayerSpec(int(heads), int(ffn))
+
+    def spec(self, model) -> list[LayerSpec]:
+        return [self.layer_spec(l) for l in self.layers(model)]
+
+    def group_size(self, model, kind):
+        return model.config.hidden_size // model.config.num_attention_heads if kind == "attn" else 1
+
+    def consumer(self, layer, kind):
+        if kind == "attn":
+            return None if isinstance(layer.attention, remote.RemovedAttention) else layer.attention.output.dense
+        return None if isinstance(layer.intermediate, remote.RemovedIntermediate) else layer.output.dense
+
+    def residual_norm_input(self, layer, kind):
+        return layer.attention.output.LayerNorm if kind == "attn" else layer.output.LayerNorm
+
+    def shrink_(self, layer, kind, kept, consumer_weight, config):
+        kept = torch.as_tensor(kept, dtype=torch.long).sort().values
+        eps, d = config.layer_norm_eps, config.hidden_size
+        if kind == "attn":
+            attn = layer.attention
+            if isinstance(attn, remote.RemovedAttention):
+                assert len(kept) == 0, "cannot grow a removed attention module"
+                return
+            if len(kept) == 0:
+                new = remote.RemovedAttention(d, eps).to(attn.output.dense.weight.device, attn.output.dense.weight.dtype)
+                with torch.no_grad():
+                    new.output.bias.copy_(attn.output.dense.bias)
+                new.output.LayerNorm.load_state_dict(attn.output.LayerNorm.state_dict())
+                layer.attention = new
+                return
+            hd = d // config.num_attention_heads
+            cols = (kept[:, None] * hd + torch.arange(hd)).reshape(-1)      # (k*hd,) rows of Q,K,V / cols of W_O
+            sa = attn.self
+            sa.query, sa.key, sa.value = _rows(sa.query, cols), _rows(sa.key, cols), _rows(sa.value, cols)
+            sa.num_attention_heads = len(kept)
+            sa.all_head_size = len(cols)
+            attn.output.dense = _cols(attn.output.dense, cols, consumer_weight)
+        else:
+            if isinstance(layer.intermediate, remote.RemovedIntermediate):
+                assert len(kept) == 0, "cannot grow a removed FFN"
+                return
+            if len(kept) == 0:
+                out = layer.output
+                new = remote.ResidualNorm(d, eps).to(out.dense.weight.device, out.dense.weight.dtype)
+                with torch.no_grad():
+                    new.bias.copy_(out.dense.bias)
+                new.LayerNorm.load_state_dict(out.LayerNorm.state_dict())
+                layer.intermediate = remote.RemovedIntermediate()
+                layer.output = new
+                return
+            layer.intermediate.dense = _rows(layer.intermediate.dense, kept)
+            layer.output.dense = _cols(layer.output.dense, kept, consumer_weight)
+
+    def embed(self, model, input_ids, attention_mask):
+        """Sentence embedding: mean of the last hidden state over real tokens, L2-normalised."""
+        out = self.base(model)(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state                                   # (B, T, d)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)                # (B, T, 1)
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)               # (B, d)
+        return torch.nn.functional.normalize(e, dim=-1)
+
+    def save_config_(self, model):
+        c = model.config
+        c.planner_layers = [s.to_dict() for s in self.spec(model)]
+        cls = type(model).__name__.removeprefix("Planner")
+        family = next((f for f in remote._FAMILIES if cls.startswith(f) and cls[len(f):] in _AUTO_FOR_SUFFIX), None)
+        if family is None:
+            raise ValueError(f"cannot save a pruned {cls}: no portable class for it")
+        module = self.remote_file.removesuffix(".py")
+        c.architectures = ["Planner" + cls]
+        auto = {"AutoModel": f"{module}.Planner{family}Model"}
+        suffix = cls[len(family):]
+        auto[_AUTO_FOR_SUFFIX[suffix]] = f"{module}.Planner{cls}"
+        c.auto_map = auto
+
+    def portable_class(self, arch: str):
+        """The class from the remote file for a saved architecture name, or None."""
+        return getattr(remote, arch, None)
+
+
+register(BertAdapter())

@@ -1,0 +1,105 @@
+"""Structurally pruned BERT-family models, written by `planner apply`.
+
+This file is copied next to the weights so that the checkpoint loads with plain Hugging Face
+transformers (`AutoModel.from_pretrained(dir, trust_remote_code=True)`), without the planner installed.
+It only depends on torch and transformers. `config.planner_layers[i]` gives the kept attention heads
+and FFN neurons of layer i; 0 means the module is removed and only its residual path (bias + LayerNorm,
+BERT is post-LN) remains.
+"""
+import torch
+import transformers
+from torch import nn
+
+
+class ResidualNorm(nn.Module):
+    """What is left of a removed post-LN sub-block: LayerNorm(residual + bias)."""
+
+    def __init__(self, hidden, eps):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, hidden_states, input_tensor):
+        # hidden_states is ignored (the module that produced it is gone); input_tensor: (B, T, d)
+        return self.LayerNorm(input_tensor + self.bias)
+
+
+class RemovedAttention(nn.Module):
+    """Stands in for a BertAttention with zero heads: returns (LayerNorm(x + b_O), None)."""
+
+    def __init__(self, hidden, eps):
+        super().__init__()
+        self.output = ResidualNorm(hidden, eps)
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        return self.output(None, hidden_states), None
+
+
+class RemovedIntermediate(nn.Module):
+    def forward(self, hidden_states):
+        return None
+
+
+def _linear_like(lin, in_features=None, out_features=None):
+    new = nn.Linear(in_features or lin.in_features, out_features or lin.out_features, bias=lin.bias is not None)
+    return new.to(device=lin.weight.device, dtype=lin.weight.dtype)
+
+
+def planner_reshape_layer(layer, heads, ffn, config):
+    """Give `layer` the module shapes of `heads` kept heads and `ffn` kept neurons (weights uninitialised)."""
+    d = config.hidden_size
+    eps = config.layer_norm_eps
+    head_dim = d // config.num_attention_heads
+    attn = layer.attention
+    if heads == 0:
+        if not isinstance(attn, RemovedAttention):
+            layer.attention = RemovedAttention(d, eps).to(attn.output.dense.weight.device)
+    else:
+        sa = attn.self
+        inner = heads * head_dim
+        if sa.query.out_features != inner:
+            sa.query = _linear_like(sa.query, out_features=inner)
+            sa.key = _linear_like(sa.key, out_features=inner)
+            sa.value = _linear_like(sa.value, out_features=inner)
+            attn.output.dense = _linear_like(attn.output.dense, in_features=inner)
+        sa.num_attention_heads = heads
+        sa.all_head_size = inner
+    if ffn == 0:
+        if not isinstance(layer.intermediate, RemovedIntermediate):
+            dev = layer.output.dense.weight.device
+            layer.intermediate = RemovedIntermediate()
+            layer.output = ResidualNorm(d, eps).to(dev)
+    elif layer.intermediate.dense.out_features != ffn:
+        layer.intermediate.dense = _linear_like(layer.intermediate.dense, out_features=ffn)
+        layer.output.dense = _linear_like(layer.output.dense, in_features=ffn)
+
+
+def planner_reshape_model(model, config):
+    spec = getattr(config, "planner_layers", None)
+    if not spec:
+        return
+    base = getattr(model, model.base_model_prefix, model)
+    layers = base.encoder.layer
+    if len(spec) != len(layers):
+        raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
+    for layer, s in zip(layers, spec):
+        planner_reshape_layer(layer, int(s["heads"]), int(s["ffn"]), config)
+
+
+def _make(base_name):
+    base_cls = getattr(transformers, base_name)
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        planner_reshape_model(self, config)
+
+    return type("Planner" + base_name, (base_cls,), {"__init__": __init__, "__module__": __name__})
+
+
+_FAMILIES = ("Bert", "Roberta", "XLMRoberta", "Electra")
+_HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+          "ForMaskedLM", "ForMultipleChoice", "ForPreTraining")
+for _f in _FAMILIES:
+    for _h in _HEADS:
+        if hasattr(transformers, _f + _h):
+            globals()["Planner" + _f + _h] = _make(_f + _h)

@@ -1,0 +1,60 @@
+"""Text for calibration and evaluation: one passage per line; tokenised into padded batches."""
+from __future__ import annotations
+
+import random
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import PlannerError
+
+CALIBRATION = "calibration.txt"   # shipped, original text written for this project
+HELDOUT = "heldout.txt"           # shipped, disjoint from the calibration text
+
+
+def shipped(name: str) -> Path:
+    return Path(str(resources.files("planner") / "data" / name))
+
+
+def read_lines(path: str | Path | None, default: str = CALIBRATION, what: str = "text file") -> list[str]:
+    """Non-empty stripped lines of `path` (or of the shipped corpus `default`)."""
+    p = Path(path) if path else shipped(default)
+    if not p.exists():
+        raise PlannerError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise PlannerError(f"{what} {p} is a directory: pass a text file with one passage per line")
+    try:
+        lines = [l.strip() for l in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise PlannerError(f"{what} {p} is not UTF-8 text") from None
+    lines = [l for l in lines if l]
+    if not lines:
+        raise PlannerError(f"{what} {p} is empty: give at least a few passages, one per line")
+    return lines
+
+
+def sample(lines: list[str], n: int, seed: int = 0) -> list[str]:
+    """The first n lines after a fixed shuffle (all of them if fewer)."""
+    idx = list(range(len(lines)))
+    random.Random(seed).shuffle(idx)
+    return [lines[i] for i in idx[:n]]
+
+
+def batches(tokenizer, texts: list[str], batch_size: int, max_len: int) -> list[dict]:
+    """Padded batches {input_ids, attention_mask} (B, T), sorted by length so padding stays small."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = []
+    for s in range(0, len(order), batch_size):
+        chunk = [texts[i] for i in order[s:s + batch_size]]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    "index": torch.tensor(order[s:s + batch_size])})
+    return out
+
+
+def latency_inputs(vocab: int, batch_size: int, seq_len: int, device="cpu", seed: int = 0) -> dict:
+    """Fixed random token ids with a full mask: latency depends on shapes, not on which tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device)}

@@ -1,0 +1,159 @@
+"""Results as frozen dataclasses with a schema version and a JSON round trip.
+
+Each type writes {"kind": ..., "schema_version": ..., ...} with sorted keys, and reads back only the
+version it knows, so a stale or foreign file fails with a message instead of a KeyError.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import io
+from .errors import PlannerError
+
+KINDS = ("attn", "ffn")  # the prunable structure kinds of a transformer block, in forward order
+
+
+class _JSON:
+    KIND: str = ""
+    SCHEMA_VERSION: int = 1
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["kind"] = self.KIND
+        d["schema_version"] = self.SCHEMA_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Any = None):
+        io.check_schema(d, cls.KIND, cls.SCHEMA_VERSION, path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise PlannerError(f"{cls.KIND}{' in ' + str(path) if path else ''} is missing fields ({e}); "
+                               f"it may be corrupted: regenerate it") from None
+
+    def save(self, path) -> Path:
+        return io.write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(io.read_json(path, cls.KIND), path)
+
+
+@dataclass(frozen=True)
+class ArchShape:
+    """What latency depends on besides the machine: the block geometry (not the weights)."""
+    family: str          # adapter family, e.g. "bert"
+    hidden: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}-L{self.n_layers}-H{self.hidden}-A{self.n_heads}x{self.head_dim}-F{self.ffn}-V{self.vocab}"
+
+
+@dataclass(frozen=True)
+class ModuleTimes:
+    """Latency of one prunable module kind at each kept width (heads for attn, neurons for ffn)."""
+    widths: list[int]      # ascending; includes 0 (module removed) and the dense width
+    median: list[float]    # seconds, as measured
+    spread: list[float]    # seconds, (p90 - p10) / 2 of the repetitions
+
+    @property
+    def monotone(self) -> list[float]:
+        """Running minimum from the widest down: keeping more never has to cost more (the solver's view)."""
+        m = np.minimum.accumulate(np.asarray(self.median)[::-1])[::-1]
+        return [float(x) for x in m]
+
+    def time_at(self, width: int, monotone: bool = True) -> float:
+        if width not in self.widths:
+            raise PlannerError(f"width {width} is not on the profile's grid {self.widths[:4]}...")
+        src = self.monotone if monotone else self.median
+        return src[self.widths.index(width)]
+
+
+@dataclass(frozen=True)
+class LatencyProfile(_JSON):
+    KIND = "LatencyProfile"
+    hardware: dict          # device, name, key, threads, torch, transformers, python
+    shape: dict             # ArchShape as dict + "key"
+    batch_size: int
+    seq_len: int
+    dtype: str
+    mode: str               # "prefill" (encoders and prompt processing)
+    method: str             # "model": modules timed inside the running model; "module": timed alone
+    base: dict              # {"median": s, "spread": s, "reps": n}: the dense model
+    constant: float         # seconds of everything not prunable: base - sum of dense module times
+    modules: dict           # kind -> ModuleTimes as dict
+    created: str
+    notes: list = field(default_factory=list)
+
+    def times(self, kind: str) -> ModuleTimes:
+        return ModuleTimes(**self.modules[kind])
+
+    @property
+    def arch(self) -> ArchShape:
+        return ArchShape(**{k: v for k, v in self.shape.items() if k != "key"})
+
+    def predict(self, layers: list[dict]) -> float:
+        """Predicted seconds of a model whose layer i keeps layers[i]['heads'] heads and ['ffn'] neurons."""
+        t = self.constant
+        for spec in layers:
+            t += self.times("attn").time_at(spec["heads"]) + self.times("ffn").time_at(spec["ffn"])
+        return t
+
+    def max_speedup(self) -> float:
+        fastest = self.constant + self.arch.n_layers * (min(self.times("attn").monotone) + min(self.times("ffn").monotone))
+        return self.base["median"] / fastest
+
+    @property
+    def conditions(self) -> str:
+        h = self.hardware
+        return (f"{h['name']} ({h['device']}, {h['threads']} threads), batch {self.batch_size} x seq {self.seq_len}, "
+                f"{self.dtype}, {self.mode}, torch {h['torch']}")
+
+
+@dataclass(frozen=True)
+class Plan(_JSON):
+    KIND = "Plan"
+    method: str                 # "planner" or a baseline name
+    target_speedup: float
+    predicted_time: float       # seconds
+    predicted_speedup: float
+    base_time: float
+    layers: list                # per layer: {"heads", "ffn", "attn_time", "ffn_time", "attn_error", "ffn_error"}
+    total_error: float
+    profile: dict               # identity and conditions of the profile it was solved against
+    model: dict                 # {"path", "fingerprint"}
+    database: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)   # settings that shaped the plan (error metric, calibration...)
+
+    @property
+    def kept(self) -> list[dict]:
+        return [{"heads": int(l["heads"]), "ffn": int(l["ffn"])} for l in self.layers]
+
+
+@dataclass(frozen=True)
+class VerifyReport(_JSON):
+    KIND = "VerifyReport"
+    dense: str
+    compressed: str
+    conditions: dict            # machine, threads, batch, seq, reps, versions
+    dense_time: float           # seconds, median of interleaved repetitions
+    compressed_time: float
+    measured_speedup: float
+    predicted_speedup: float | None
+    prediction_ratio: float | None  # predicted / measured
+    quality: dict               # metric -> value (held-out text)
+    sizes: dict                 # parameter counts
+    created: str
