@@ -1,0 +1,83 @@
+"""The calibration loop, written once: capture the first block's inputs, then run block by block.
+
+Running block by block (SparseGPT's pattern) lets the database and the sequential re-fit see each
+block's inputs without keeping more than one block's activations, and lets a compressed and a dense
+copy of the model be driven side by side on the same tokens.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """Everything a block needs to run on each calibration batch."""
+    hidden: list[torch.Tensor]      # per batch (B, T, d)
+    args: list[tuple]               # positional arguments after hidden_states (e.g. the attention mask)
+    kwargs: list[dict]              # keyword arguments the model passed to the block
+    masks: list[torch.Tensor]       # per batch (B, T) bool: real tokens (padding is excluded from statistics)
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        return BlockInputs(hidden, self.args, self.kwargs, self.masks)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(m.sum() for m in self.masks))
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device="cpu") -> BlockInputs:
+    """Run the model up to its first block on every batch and keep that block's inputs."""
+    hidden, args, kwargs, masks = [], [], [], []
+
+    def hook(module, a, kw):
+        hidden.append(a[0] if a else kw.pop("hidden_states"))
+        args.append(tuple(a[1:]))
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            masks.append(b["attention_mask"].bool().to(device))
+            try:
+                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return BlockInputs(hidden, args, kwargs, masks)
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs for every batch: (B, T, d) each."""
+    outs = []
+    for x, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        y = block(x, *a, **kw)
+        outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+    return outs
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module]):
+    """Within the block, record each named module's first forward input (one tensor per call)."""
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+    handles = []
+    for name, mod in modules.items():
+        if mod is None:
+            continue
+        handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0].detach())))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

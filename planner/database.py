@@ -1,0 +1,220 @@
+"""The OBS database: for every block and structure kind, the removal order and the error at each level.
+
+Layout on disk (resumable layer by layer; every file written atomically):
+    DIR/index.json            identity (model, calibration, settings) + per-layer entries as they finish
+    DIR/layer_<i>.safetensors the calibration Hessians (float32) and removal orders of block i
+
+Stored per (layer, kind): the greedy OBS removal order (one pass gives every level), and at each level on
+the grid the *held-out* output error ‖(W − Ŵ)x‖² (mean per token) on calibration passages that the OBS
+update did not see, plus two denominators: the module's own output energy ‖Wx‖² (ZipLM's normalisation)
+and the energy of the residual stream the module writes into (centred LayerNorm input). Corrected weights
+at any level are recovered exactly from the stored Hessian: OBS's result equals the least-squares optimum
+on the kept columns (`obs.reconstruct`), so they need not be stored level by level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import io, obs
+from .calibration import BlockInputs, capture_block_inputs
+from .errors import PlannerError
+from .types import KINDS
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class DatabaseConfig:
+    damp: float
+    val_fraction: float
+    device: str = "cpu"
+
+    def to_dict(self):
+        return {"damp": self.damp, "val_fraction": self.val_fraction}
+
+
+class Database:
+    """Read access to a built database."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.index = io.read_json(self.path / "index.json", "OBS database index")
+        io.check_schema(self.index, "ObsDatabase", SCHEMA_VERSION, self.path)
+
+    @property
+    def n_layers(self) -> int:
+        return self.index["n_layers"]
+
+    def entry(self, layer: int, kind: str) -> dict:
+        return self.index["layers"][str(layer)][kind]
+
+    def errors(self, layer: int, kind: str, norm: str = "residual") -> dict[int, float]:
+        """kept width -> normalised held-out error."""
+        e = self.entry(layer, kind)
+        den = e["residual_energy"] if norm == "residual" else e["module_energy"]
+        den = max(den, 1e-30)
+        return {int(w): float(v) / den for w, v in zip(e["widths"], e["val_error"])}
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        p = self.path / f"layer_{layer}.safetensors"
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise PlannerError(f"OBS database file {p} is missing or corrupted ({type(e).__name__}): "
+                               f"delete {self.path} and rerun `planner plan`") from None
+
+    def kept_groups(self, layer: int, kind: str, n_kept: int) -> torch.Tensor:
+        order = self.tensors(layer)[f"{kind}.order"].long()   # (n_groups,) first removed first
+        n = len(order)
+        return order[n - n_kept:].sort().values if n_kept else order[:0]
+
+
+def _split(batches: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Every k-th batch goes to validation (batches are length-sorted, so both halves span all lengths)."""
+    if val_fraction <= 0 or len(batches) < 2:
+        return batches, batches
+    k = max(2, round(1 / val_fraction))
+    val = [b for i, b in enumerate(batches) if i % k == k - 1]
+    train = [b for i, b in enumerate(batches) if i % k != k - 1]
+    return train, val
+
+
+class _Stats:
+    """Hessians of the consumers' inputs and the residual energy, for one block on one data split."""
+
+    def __init__(self, layer, adapter, device):
+        self.adapter, self.device = adapter, device
+        self.acc, self.res, self.n_res, self.mask = {}, {}, {}, None
+        self.handles = []
+        for kind in KINDS:
+            lin = adapter.consumer(layer, kind)
+            if lin is None:
+                continue
+            self.acc[kind] = obs.HessianAccumulator(lin.in_features, device=device)
+            self.res[kind], self.n_res[kind] = 0.0, 0
+            self.handles.append(lin.register_forward_pre_hook(self._consumer_hook(kind)))
+            ln = adapter.residual_norm_input(layer, kind)
+            self.handles.append(ln.register_forward_pre_hook(self._residual_hook(kind)))
+
+    def _consumer_hook(self, kind):
+        def hook(mod, args):
+            self.acc[kind].add_batch(args[0].to(self.device), self.mask.to(self.device))
+        return hook
+
+    def _residual_hook(self, kind):
+        def hook(mod, args):
+            z = args[0][self.mask]                                   # (tokens, d) LayerNorm input
+            z = z - z.mean(-1, keepdim=True)                         # LayerNorm removes the mean
+            self.res[kind] += float((z.double() ** 2).sum())
+            self.n_res[kind] += z.shape[0]
+        return hook
+
+    def run(self, block, inputs: BlockInputs) -> list[torch.Tensor]:
+        outs = []
+        with torch.no_grad():
+            for x, a, kw, m in zip(inputs.hidden, inputs.args, inputs.kwargs, inputs.masks):
+                self.mask = m
+                y = block(x, *a, **kw)
+                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+        return outs
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[int]], cfg: DatabaseConfig,
+          identity: dict, progress: bool = True) -> Database:
+    """Build (or resume) the database for `model` on calibration `batches`.
+
+    `levels[kind]` are the kept widths to score (heads for attn, neurons for ffn); widths above a block's
+    current width are skipped and its current width is always included. `identity` (model fingerprint,
+    calibration hash) decides whether an existing database can be reused or resumed.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = adapter.layers(model)
+    want = {"kind": "ObsDatabase", "schema_version": SCHEMA_VERSION, "identity": identity,
+            "config": cfg.to_dict(), "levels": levels, "n_layers": len(blocks)}
+    index = None
+    if (out / "index.json").exists():
+        try:
+            old = io.read_json(out / "index.json")
+        except PlannerError:
+            old = None
+        if old and all(old.get(k) == v for k, v in want.items()):
+            index = old                                              # resume / reuse
+    if index is None:
+        index = {**want, "layers": {}}
+        for p in out.glob("layer_*.safetensors"):
+            p.unlink()
+    done = {int(k) for k in index["layers"]}
+    if len(done) == len(blocks):
+        return Database(out)
+
+    train_b, val_b = _split(batches, cfg.val_fraction)
+    dev = cfg.device
+    train = capture_block_inputs(model, blocks, train_b, next(model.parameters()).device)
+    val = capture_block_inputs(model, blocks, val_b, next(model.parameters()).device) if val_b is not train_b else train
+    if train.n_tokens == 0:
+        raise PlannerError("calibration data has no tokens: give a text file with at least a few passages")
+    bar = tqdm(total=len(blocks), desc="OBS database", disable=not progress, unit="block")
+    for i, block in enumerate(blocks):
+        if i in done:                                               # resume: only push activations through
+            train = train.with_hidden(_Stats(block, adapter, dev).run(block, train))
+            val = val.with_hidden(_Stats(block, adapter, dev).run(block, val)) if val is not train else train
+            bar.update()
+            continue
+        st_train = _Stats(block, adapter, dev)
+        out_train = st_train.run(block, train)
+        st_train.close()
+        if val is train:
+            st_val, out_val = st_train, out_train
+        else:
+            st_val = _Stats(block, adapter, dev)
+            out_val = st_val.run(block, val)
+            st_val.close()
+        tensors, entry = {}, {}
+        for kind in KINDS:
+            lin = adapter.consumer(block, kind)
+            if lin is None:                                          # already removed: one option, width 0
+                entry[kind] = {"widths": [0], "val_error": [0.0], "train_loss": [0.0], "module_energy": 1.0,
+                               "residual_energy": 1.0, "group_size": adapter.group_size(model, kind), "n_groups": 0}
+                continue
+            gs = adapter.group_size(model, kind)
+            W = lin.weight.detach().to(dev, torch.float64)           # (d_out, d_in)
+            H_tr = st_train.acc[kind].hessian()                      # (d_in, d_in)
+            H_va = st_val.acc[kind].hessian()
+            n_groups = W.shape[1] // gs
+            cur = n_groups if kind == "attn" else W.shape[1]
+            widths = sorted({w for w in levels[kind] if w <= cur} | {cur})
+            kept_levels = [w if kind == "attn" else w // gs for w in widths]
+            res = obs.group_obs(W, H_tr, group_size=gs, damp=cfg.damp, snapshot_levels=kept_levels, device=dev)
+            val_err, tr_loss = [], []
+            for w, nk in zip(widths, kept_levels):
+                W_hat = res.snapshots[nk]
+                val_err.append(obs.layer_error(W, W_hat, H_va))
+                tr_loss.append(float(res.loss[n_groups - nk]))
+            n_tr, n_va = st_train.acc[kind].n, st_val.acc[kind].n
+            H_all = H_tr if val is train else (H_tr * n_tr + H_va * n_va) / (n_tr + n_va)
+            tensors[f"{kind}.H"] = H_all.float().cpu().contiguous()
+            tensors[f"{kind}.order"] = res.order.to(torch.int32).cpu().contiguous()
+            entry[kind] = {"widths": widths, "val_error": val_err, "train_loss": tr_loss,
+                           "module_energy": obs.output_energy(W, H_va),
+                           "residual_energy": st_val.res[kind] / max(st_val.n_res[kind], 1),
+                           "group_size": gs, "n_groups": n_groups, "tokens_train": n_tr, "tokens_val": n_va}
+        with io.atomic_path(out / f"layer_{i}.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        index["layers"][str(i)] = entry
+        io.write_json(out / "index.json", index)                     # the resume point
+        train, val = train.with_hidden(out_train), (val.with_hidden(out_val) if val is not train else None)
+        if val is None:
+            val = train
+        bar.update()
+    bar.close()
+    return Database(out)

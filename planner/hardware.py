@@ -1,0 +1,43 @@
+"""Where a measurement was taken: the identity a latency profile is valid for."""
+from __future__ import annotations
+
+import platform
+import re
+import sys
+
+import torch
+import transformers
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(s: str) -> str:
+    s = re.sub(r"\(r\)|\(tm\)|cpu|@.*$|processor", "", s.lower())
+    return re.sub(r"[^a-z0-9]+", "-", s).strip("-")[:48] or "unknown"
+
+
+def set_threads(threads: int | None) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def describe(device: str = "cpu") -> dict:
+    """{device, name, key, threads, torch, transformers, python}; `key` names the profile directory."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        key = slug(name)
+    else:
+        name = cpu_name()
+        key = f"{slug(name)}-t{torch.get_num_threads()}"
+    return {"device": device, "name": name, "key": key, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0]}

@@ -1,0 +1,505 @@
+"""Structured Optimal Brain Surgeon (ZipLM / OBC style) on ONE linear layer.
+
+A linear "consumer" layer computes ``y = W x`` with ``W`` of shape ``(d_out, d_in)``.
+We prune *groups* of ``group_size`` adjacent input columns (an attention head is
+``d_head`` columns of the attention output projection, an FFN neuron is one column
+of the down projection).  The layer-wise objective is the output error
+``||W X - W_hat X||^2`` over calibration inputs ``X`` whose Hessian is
+``H = 2/n sum x x^T``; OBS works with the dampened ``Hd = H + lambda I``,
+``lambda = damp * mean(diag H)``.
+
+One greedy pass of :func:`group_obs` produces every sparsity level at once: the
+removal order, the cumulative loss per level and (on request) the updated weights
+at chosen levels.  After removing any set of groups the weights equal the
+least-squares optimum on the kept columns under ``Hd`` (see :func:`reconstruct`).
+
+Implementation notes (speed on small CPUs):
+
+* The inverse-Hessian / weight downdates are *deferred*: after ``t`` removals since
+  the last flush ``Hinv_t = Hb - U U^T`` and ``W_t = Wb - Z U^T`` where ``Hb``/``Wb``
+  are the base matrices and ``U``/``Z`` collect one (scaled) factor per removal.
+  Only the quantities the greedy scoring needs (diagonal blocks of ``Hinv_t`` and
+  the per-group Gram blocks ``W_Q^T W_Q``) are updated each step; every ``block``
+  columns the factors are folded into the bases with one GEMM and the bases are
+  compacted to the still-active columns, so the cost shrinks as columns go.
+* Everything runs in float64.  The diagonal of ``Hinv_t`` is bounded below by
+  ``1/diag(Hd)`` (for an SPD matrix ``(A^-1)_jj >= 1/A_jj``); that bound is used as
+  a floor, and small group pivots are factored with an eigenvalue-clamped fallback,
+  so late, ill-conditioned steps never produce NaN.
+
+This module knows nothing about models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HessianAccumulator",
+    "dampen",
+    "GroupOBSResult",
+    "group_obs",
+    "reconstruct",
+    "reconstruct_cross",
+    "layer_error",
+    "output_energy",
+    "magnitude_order",
+]
+
+_F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- Hessian
+
+
+class HessianAccumulator:
+    """Accumulate ``H = 2/n sum x x^T`` over calibration tokens.
+
+    SparseGPT-style life cycle: call :meth:`add_batch` many times, then
+    :meth:`hessian`.  A running mean is kept (``H_mean = 1/n sum x x^T``) so the
+    accumulator stays well scaled for any number of tokens.  float64 by default.
+    """
+
+    def __init__(self, d_in: int, device="cpu", dtype=torch.float64):
+        self.d_in = int(d_in)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.n: int = 0  # tokens seen
+        self._mean = torch.zeros(self.d_in, self.d_in, device=self.device, dtype=dtype)  # (d_in, d_in)
+
+    @torch.no_grad()
+    def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """x: (..., d_in); mask: (...) bool, True = real token (padding excluded)."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"expected last dim {self.d_in}, got shape {tuple(x.shape)}")
+        if mask is not None:
+            if tuple(mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"mask shape {tuple(mask.shape)} does not match x shape {tuple(x.shape[:-1])}"
+                )
+            m = mask.reshape(-1).to(device=x.device).bool()
+            x = x.reshape(-1, self.d_in)[m]  # (t, d_in)
+        else:
+            x = x.reshape(-1, self.d_in)  # (t, d_in)
+        t = x.shape[0]
+        if t == 0:
+            return
+        x = x.detach().to(device=self.device, dtype=self.dtype)
+        n_new = self.n + t
+        # mean <- mean * n/(n+t) + x^T x / (n+t)
+        self._mean.mul_(self.n / n_new).addmm_(x.T, x, alpha=1.0 / n_new)
+        self.n = n_new
+
+    def hessian(self) -> Tensor:
+        """(d_in, d_in) = 2/n sum x x^T (a new tensor)."""
+        if self.n == 0:
+            raise ValueError("no calibration tokens were added to the HessianAccumulator")
+        return 2.0 * self._mean
+
+
+def dampen(H: Tensor, damp: float = 0.01) -> Tensor:
+    """Return ``H + damp * mean(diag H) * I`` (a new tensor; ``H`` is not modified).
+
+    If the mean diagonal is not positive (all inputs dead) ``lambda = 1e-8`` is used.
+    Dead inputs (diag 0) receive the same damping as all others.
+    """
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, got {tuple(H.shape)}")
+    Hd = H.clone()
+    torch.diagonal(Hd).add_(_damp_lambda(H, damp))
+    return Hd
+
+
+def _damp_lambda(H: Tensor, damp: float) -> float:
+    """The lambda :func:`dampen` adds: damp * mean(diag H), or 1e-8 if that mean is not > 0."""
+    diag = torch.diagonal(H)
+    mean = float(diag.mean()) if diag.numel() else 0.0
+    return damp * mean if (mean > 0 and mean < float("inf")) else 1e-8
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _spd_inverse(A: Tensor) -> Tensor:
+    """Inverse of a symmetric positive (semi)definite matrix, robust to near singularity."""
+    A = 0.5 * (A + A.T)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        scale = float(torch.diagonal(A).abs().mean()) or 1.0
+        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        for e in range(-12, -2):
+            L, info = torch.linalg.cholesky_ex(A + (scale * 10.0**e) * eye)
+            if int(info) == 0:
+                break
+        else:
+            return torch.linalg.pinv(A, hermitian=True)
+    Ainv = torch.cholesky_inverse(L)
+    return 0.5 * (Ainv + Ainv.T)
+
+
+def _spd_chol(A: Tensor, floor: Tensor) -> Tensor:
+    """Lower Cholesky factor of SPD (..., g, g) blocks; blocks that fail are replaced by
+    their eigenvalue-clamped version (eigenvalues >= floor (...,), and >= 1e-12 max eig)."""
+    A = 0.5 * (A + A.mT)
+    L, info = torch.linalg.cholesky_ex(A)
+    bad = info != 0
+    if bool(bad.any()):
+        Ab = A[bad]
+        evals, evecs = torch.linalg.eigh(Ab)
+        fl = torch.maximum(floor.expand(A.shape[:-2])[bad], 1e-12 * evals.abs().amax(-1))
+        evals = torch.maximum(evals, fl.unsqueeze(-1))
+        Ab = (evecs * evals.unsqueeze(-2)) @ evecs.mT
+        Lb, _ = torch.linalg.cholesky_ex(0.5 * (Ab + Ab.mT))
+        L = L.clone()
+        L[bad] = Lb
+    return L
+
+
+def _as_f64(t: Tensor, device) -> Tensor:
+    return t.detach().to(device=device, dtype=_F64)
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class GroupOBSResult:
+    """Output of :func:`group_obs`.
+
+    order:     (n_groups,) int64, group indices in removal order (first removed first)
+    loss:      (n_groups+1,) float64, ``loss[i]`` = cumulative OBS loss (sum err/2) after
+               removing ``i`` groups; ``loss[0] = 0``.  Equals the per-token output error
+               ``layer_error(W, W_hat, dampen(H))`` at that level.
+    snapshots: n_kept -> full-size W_hat (d_out, d_in) (removed columns zero), only for the
+               requested levels; dtype and device of the input ``W``.
+    """
+
+    order: torch.LongTensor
+    loss: torch.Tensor
+    snapshots: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.order.numel())
+
+    def _check(self, n_kept: int) -> int:
+        n_kept = int(n_kept)
+        if not 0 <= n_kept <= self.n_groups:
+            raise ValueError(f"n_kept must be in [0, {self.n_groups}], got {n_kept}")
+        return n_kept
+
+    def kept_groups(self, n_kept: int) -> torch.LongTensor:
+        """(n_kept,) sorted indices of the groups kept when ``n_kept`` groups remain."""
+        n_kept = self._check(n_kept)
+        kept = self.order[self.n_groups - n_kept :]
+        return torch.sort(kept).values
+
+    def kept_columns(self, n_kept: int, group_size: int) -> torch.LongTensor:
+        """(n_kept * group_size,) sorted column indices kept at that level."""
+        g = self.kept_groups(n_kept)
+        ar = torch.arange(group_size, dtype=torch.long)
+        return (g.unsqueeze(1) * group_size + ar).reshape(-1)
+
+
+# --------------------------------------------------------------------------- OBS
+
+
+@torch.no_grad()
+def group_obs(
+    W: Tensor,
+    H: Tensor,
+    group_size: int = 1,
+    damp: float = 0.01,
+    snapshot_levels: Iterable[int] = (),
+    device=None,
+    *,
+    block: int = 128,
+    _force_general: bool = False,
+) -> GroupOBSResult:
+    """Greedy group OBS over all levels in one pass.
+
+    W: (d_out, d_in) weights of the consumer layer.  H: (d_in, d_in) *undampened*
+    Hessian ``2/n sum x x^T``.  ``d_in % group_size == 0``.  Works in float64 on
+    ``device`` (default: ``W.device``); does not modify its inputs.
+    ``snapshot_levels``: numbers of kept groups at which to return the updated W.
+    ``block``: number of columns of deferred updates between flushes (tuning knob).
+    """
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D, got {tuple(W.shape)}")
+    d_out, d_in = W.shape
+    if tuple(H.shape) != (d_in, d_in):
+        raise ValueError(f"H must be ({d_in}, {d_in}), got {tuple(H.shape)}")
+    g = int(group_size)
+    if g < 1 or d_in % g != 0:
+        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size}")
+    n_groups = d_in // g
+    dev = torch.device(device) if device is not None else W.device
+    out_dtype = W.dtype if W.is_floating_point() else _F64
+    levels = sorted({int(x) for x in snapshot_levels})
+    for lv in levels:
+        if not 0 <= lv <= n_groups:
+            raise ValueError(f"snapshot level {lv} outside [0, {n_groups}]")
+    level_set = set(levels)
+
+    W0 = _as_f64(W, dev)  # (d_out, d_in)
+    Hd = dampen(_as_f64(H, dev), damp)  # (d_in, d_in)
+    hd_diag = torch.diagonal(Hd).clone().clamp_min(1e-300)  # (d_in,)
+    Hinv = _spd_inverse(Hd)  # (d_in, d_in)
+
+    snapshots: dict[int, Tensor] = {}
+
+    def _emit(n_kept: int, Wfull: Tensor) -> None:
+        snapshots[n_kept] = Wfull.to(device=W.device, dtype=out_dtype)
+
+    if n_groups in level_set:
+        _emit(n_groups, W0.clone())
+
+    errs = torch.zeros(n_groups, dtype=_F64, device=dev)  # (n_groups,)
+    order: list[int] = []
+    cap = max(int(block), g)
+    if cap % g:
+        cap += g - cap % g
+
+    # ---- base state (compacted to active columns at every flush)
+    base_groups = list(range(n_groups))  # local group -> global group id
+    base_cols = torch.arange(d_in, device=dev)  # (k,) local col -> global col
+    Hb = Hinv  # (k, k)
+    WT = W0.T.contiguous()  # (k, d_out)
+    fast = g == 1 and not _force_general
+
+    def _init_state():
+        k = Hb.shape[0]
+        m = k // g
+        U = torch.zeros(k, cap, dtype=_F64, device=dev)  # (k, cap) deferred Hinv factors
+        ZT = torch.zeros(cap, d_out, dtype=_F64, device=dev)  # (cap, d_out) deferred W factors
+        alive = torch.ones(m, dtype=torch.bool, device=dev)  # (m,)
+        fl = hd_diag[base_cols]  # (k,)
+        if g == 1 and fast:
+            D = torch.diagonal(Hb).clone()  # (k,) diag of Hinv_t
+            G = (WT * WT).sum(1)  # (k,) column norms^2 of W_t
+            floor = 1.0 / fl  # (k,) lower bound of diag(Hinv_t)
+        else:
+            D = Hb.reshape(m, g, m, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # (m,g,g)
+            Wg = WT.reshape(m, g, d_out)
+            G = Wg @ Wg.mT  # (m, g, g) Gram blocks W_Q^T W_Q
+            floor = 1.0 / fl.reshape(m, g).sum(1)  # (m,) eigenvalue floor of Hinv_t[Q,Q]
+        return U, ZT, alive, D, G, floor
+
+    U, ZT, alive, D, G, floor = _init_state()
+    T = 0  # columns of U/ZT in use
+
+    def _current_full() -> Tensor:
+        # W_t on the active columns, scattered to full size (d_out, d_in)
+        Wt = torch.addmm(WT, U[:, :T], ZT[:T], alpha=-1.0)  # (k, d_out)
+        colmask = alive.repeat_interleave(g) if g > 1 else alive  # (k,)
+        full = torch.zeros(d_out, d_in, dtype=_F64, device=dev)
+        full[:, base_cols[colmask]] = Wt[colmask].T
+        return full
+
+    if fast:
+        eye_g = None
+    else:
+        eye_g = torch.eye(g, dtype=_F64, device=dev)
+
+    for i in range(n_groups):
+        # ---- flush deferred updates + compact when the block is full
+        if T + g > cap:
+            keep_g = alive.nonzero().squeeze(1)  # (m',)
+            kc = (keep_g.unsqueeze(1) * g + torch.arange(g, device=dev)).reshape(-1)  # (k',)
+            Uk = U.index_select(0, kc)[:, :T]  # (k', T)
+            Hb = Hb.index_select(0, kc).index_select(1, kc)
+            Hb.addmm_(Uk, Uk.T, alpha=-1.0)
+            Hb = 0.5 * (Hb + Hb.T)
+            WT = torch.addmm(WT.index_select(0, kc), Uk, ZT[:T], alpha=-1.0)
+            kg = keep_g.tolist()
+            base_groups = [base_groups[j] for j in kg]
+            base_cols = base_cols[kc]
+            U, ZT, alive, D, G, floor = _init_state()
+            T = 0
+
+        m = alive.numel()
+        if fast:
+            # ---------------- group_size == 1: vector ops only
+            scores = G / torch.maximum(D, floor)  # (k,)
+            scores.masked_fill_(~alive, float("inf"))
+            p = int(torch.argmin(scores))
+            up = U[p, :T]  # (T,)
+            h = torch.addmv(Hb[p], U[:, :T], up, alpha=-1.0)  # (k,) = Hinv_t[p, :]
+            w = torch.addmv(WT[p], ZT[:T].T, up, alpha=-1.0)  # (d_out,) = W_t[:, p]
+            hqq = torch.maximum(h[p], floor[p])
+            s = hqq.rsqrt()
+            un = h * s  # (k,)
+            zn = w * s  # (d_out,)
+            M = torch.dot(zn, zn)
+            errs[i] = M
+            D.addcmul_(un, un, value=-1.0)
+            P = torch.addmv(WT @ zn, U[:, :T], ZT[:T] @ zn, alpha=-1.0)  # (k,) = W_t^T zn
+            # G_j <- ||W_t[:,j] - zn un_j||^2 = G_j - 2 un_j P_j + un_j^2 M
+            G.add_(un * (un * M - 2.0 * P))
+            U[:, T] = un
+            ZT[T] = zn
+            T += 1
+        else:
+            # ---------------- general group size
+            Dm = torch.where(alive.view(m, 1, 1), D, eye_g)  # (m,g,g)
+            LD = _spd_chol(Dm, floor)
+            sol = torch.cholesky_solve(G, LD)  # (m,g,g) inv(D_Q) G_Q
+            scores = sol.diagonal(dim1=-2, dim2=-1).sum(-1)  # (m,)
+            scores.masked_fill_(~alive, float("inf"))
+            p = int(torch.argmin(scores))
+            c0, c1 = p * g, (p + 1) * g
+            Uq = U[c0:c1, :T]  # (g, T)
+            hT = torch.addmm(Hb[c0:c1], Uq, U[:, :T].T, alpha=-1.0)  # (g, k) = Hinv_t[Q, :]
+            wT = torch.addmm(WT[c0:c1], Uq, ZT[:T], alpha=-1.0)  # (g, d_out) = W_t[:, Q]^T
+            Lq = _spd_chol(hT[:, c0:c1], floor[p])  # (g, g)
+            unT = torch.linalg.solve_triangular(Lq, hT, upper=False)  # (g, k) = (Hinv_t[:,Q] Lq^-T)^T
+            znT = torch.linalg.solve_triangular(Lq, wT, upper=False)  # (g, d_out)
+            M = znT @ znT.T  # (g, g)
+            errs[i] = torch.trace(M)
+            unb = unT.T.reshape(m, g, g)  # (m, g, g) rows of each group
+            D = D - unb @ unb.mT
+            P = WT @ znT.T  # (k, g)
+            P.addmm_(U[:, :T], ZT[:T] @ znT.T, alpha=-1.0)  # = W_t^T Zn
+            X = unb @ P.reshape(m, g, g).mT  # (m, g, g)
+            G = G - X - X.mT + unb @ M @ unb.mT
+            U[:, T : T + g] = unT.T
+            ZT[T : T + g] = znT
+            T += g
+
+        alive[p] = False
+        order.append(base_groups[p])
+        n_kept = n_groups - i - 1
+        if n_kept in level_set:
+            if n_kept == 0:
+                _emit(0, torch.zeros(d_out, d_in, dtype=_F64, device=dev))
+            else:
+                _emit(n_kept, _current_full())
+
+    loss = torch.zeros(n_groups + 1, dtype=_F64)
+    loss[1:] = torch.cumsum(errs.cpu() * 0.5, 0)
+    return GroupOBSResult(
+        order=torch.tensor(order, dtype=torch.long),
+        loss=loss,
+        snapshots=snapshots,
+    )
+
+
+# --------------------------------------------------------------------------- least squares
+
+
+def _solve_spd_right(B: Tensor, A: Tensor) -> Tensor:
+    """Return B @ inv(A) for SPD A (s, s), B (r, s)."""
+    if A.shape[0] == 0:
+        return B.new_zeros(B.shape[0], 0)
+    A = 0.5 * (A + A.T)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        return B @ _spd_inverse(A)
+    return torch.cholesky_solve(B.T, L).T
+
+
+@torch.no_grad()
+def reconstruct(W: Tensor, H: Tensor, kept_cols: Tensor, damp: float = 0.01) -> Tensor:
+    """Least-squares optimum on the kept columns under the dampened Hessian.
+
+    W (d_out, d_in), H (d_in, d_in) undampened, kept_cols (s,) column indices.
+    Returns (d_out, s) = W @ Hd[:, S] @ inv(Hd[S, S]); ``s == 0`` gives (d_out, 0).
+    """
+    dev = W.device
+    out_dtype = W.dtype if W.is_floating_point() else _F64
+    S = torch.as_tensor(kept_cols, dtype=torch.long, device=dev).reshape(-1)
+    W64 = _as_f64(W, dev)
+    if S.numel() == 0:
+        return torch.zeros(W.shape[0], 0, dtype=out_dtype, device=dev)
+    Hd = dampen(_as_f64(H, dev), damp)
+    HS = Hd.index_select(1, S)  # (d_in, s)
+    B = W64 @ HS  # (d_out, s)
+    return _solve_spd_right(B, HS.index_select(0, S)).to(out_dtype)
+
+
+@torch.no_grad()
+def reconstruct_cross(
+    W: Tensor, H_hat: Tensor, C: Tensor, kept_cols: Tensor, damp: float = 0.01
+) -> Tensor:
+    """Sequential-calibration least squares: minimise ``||W X - W_S X_hat_S||^2``.
+
+    W (d_out, d_in); H_hat (d_in, d_in) = 2/n sum x_hat x_hat^T (inputs of the already
+    compressed model); C (d_in, d_in) = 2/n sum x x_hat^T; kept_cols (s,).
+    Returns (d_out, s) = (W @ C[:, S] + lam * W[:, S]) @ inv(dampen(H_hat)[S, S]),
+    lam = damp * mean(diag H_hat).  The dampening acts as a proximal term
+    ``lam * n/2 * ||W_S_hat - W[:, S]||^2`` (the same one OBS/:func:`reconstruct` minimise
+    under ``Hd``), so with ``X_hat == X`` (``C == H_hat == H``) this equals
+    :func:`reconstruct` exactly; for ``damp -> 0`` it is ``W C[:,S] inv(H_hat[S,S])``.
+    """
+    dev = W.device
+    out_dtype = W.dtype if W.is_floating_point() else _F64
+    S = torch.as_tensor(kept_cols, dtype=torch.long, device=dev).reshape(-1)
+    if S.numel() == 0:
+        return torch.zeros(W.shape[0], 0, dtype=out_dtype, device=dev)
+    W64 = _as_f64(W, dev)
+    Hh = _as_f64(H_hat, dev)
+    Hd = dampen(Hh, damp)
+    lam = _damp_lambda(Hh, damp)
+    B = W64 @ _as_f64(C, dev).index_select(1, S)  # (d_out, s)
+    B.add_(W64.index_select(1, S), alpha=lam)
+    A = Hd.index_select(0, S).index_select(1, S)  # (s, s)
+    return _solve_spd_right(B, A).to(out_dtype)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def layer_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
+    """Per-token output error ``mean ||(W - W_hat) x||^2 = trace(dW H dW^T) / 2``.
+
+    W, W_hat (d_out, d_in) full size; H (d_in, d_in) = 2/n sum x x^T (undampened for the
+    true error on the data H came from; pass a dampened H to get the OBS objective).
+    """
+    dev = W.device
+    dW = _as_f64(W, dev) - _as_f64(W_hat, dev)  # (d_out, d_in)
+    return float(((dW @ _as_f64(H, dev)) * dW).sum() * 0.5)
+
+
+@torch.no_grad()
+def output_energy(W: Tensor, H: Tensor) -> float:
+    """``trace(W H W^T) / 2 = mean ||W x||^2``; W (d_out, d_in), H (d_in, d_in)."""
+    dev = W.device
+    W64 = _as_f64(W, dev)
+    return float(((W64 @ _as_f64(H, dev)) * W64).sum() * 0.5)
+
+
+@torch.no_grad()
+def magnitude_order(W: Tensor, group_size: int = 1) -> torch.LongTensor:
+    """(n_groups,) removal order by ascending L2 norm of each column group (baseline)."""
+    d_out, d_in = W.shape
+    if d_in % group_size:
+        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size}")
+    norms = (_as_f64(W, W.device) ** 2).sum(0).reshape(d_in // group_size, group_size).sum(1)
+    return torch.argsort(norms, stable=True).cpu()
+
+
+if __name__ == "__main__":  # hand-run timing check: python -m planner.obs
+    import time
+
+    def _problem(d_out: int, d_in: int, n: int = 4096):
+        gen = torch.Generator().manual_seed(0)
+        X = torch.randn(n, d_in, generator=gen) @ (
+            torch.eye(d_in) + torch.randn(d_in, d_in, generator=gen) / d_in**0.5
+        )
+        X = X.double()
+        return torch.randn(d_out, d_in, generator=gen), 2.0 / n * X.T @ X
+
+    for d_out, d_in, gs, reps in [(384, 1536, 1, 3), (384, 384, 32, 20), (384, 384, 1, 3)]:
+        Wb, Hb_ = _problem(d_out, d_in)
+        group_obs(Wb, Hb_, gs)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            group_obs(Wb, Hb_, gs)
+        dt = (time.perf_counter() - t0) / reps
+        print(f"group_obs {d_out}x{d_in} group_size={gs}: {dt * 1e3:.1f} ms "
+              f"(torch threads={torch.get_num_threads()})")

@@ -1,0 +1,43 @@
+"""Wall-clock timing under stated conditions: warm-up, repetitions, CUDA events on GPU."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device: str = "cpu") -> list[float]:
+    """Seconds per call for `reps` calls after `warmup` untimed ones."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        out = []
+        if device == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end) / 1e3)
+        else:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs) -> float:
+    return float(np.median(np.asarray(xs, dtype=float)))
+
+
+def spread(xs) -> float:
+    """Half the 10–90 percentile range: a robust ± for noisy timings."""
+    xs = np.asarray(xs, dtype=float)
+    if len(xs) < 2:
+        return 0.0
+    return float((np.percentile(xs, 90) - np.percentile(xs, 10)) / 2)
