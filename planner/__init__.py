@@ -1,0 +1,16 @@
+"""planner: speedup-constrained structured compression (SPDY / ZipLM) for Hugging Face models.
+
+    profile(model) -> LatencyProfile        time every prunable module at every width on this machine
+    plan(model, profile, cfg, out) -> Plans OBS database + DP, one plan per speedup target
+    apply(model, plan, out)                 stitch corrected weights, shrink, save a portable HF directory
+    verify(dense, compressed)               measured vs predicted speedup, quality on held-out text
+    load(dir)                               load a compressed checkpoint
+"""
+from .api import apply, build_database, load, plan, profile, verify
+from .config import PlanConfig, ProfileConfig, VerifyConfig
+from .errors import PlannerError
+from .types import LatencyProfile, Plan, VerifyReport
+
+__all__ = ["profile", "plan", "apply", "verify", "load", "build_database", "ProfileConfig", "PlanConfig",
+           "VerifyConfig", "LatencyProfile", "Plan", "VerifyReport", "PlannerError"]
+__version__ = "0.1.0"

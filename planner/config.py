@@ -23,9 +23,9 @@ class ProfileConfig:
     threads: int | None = None      # CPU threads; None = all cores this process may use
     ffn_step: int = 32              # FFN width grid: multiples of this (kernel-friendly), plus 0 and the dense width
     method: str = "model"           # "model": time modules inside the running model; "module": alone
-    warmup: int = 3
-    reps: int = 7                   # repetitions per measurement; the median is kept
-    rounds: int = 3                 # interleaved rounds over all options (drift hits every option alike)
+    warmup: int = 1
+    reps: int = 3                   # repetitions per measurement; the median is kept
+    rounds: int = 4                 # interleaved rounds over all options (drift hits every option alike)
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
@@ -78,7 +78,7 @@ class VerifyConfig:
     threads: int | None = None
     device: str = "cpu"
     reps: int = 15                  # interleaved dense/compressed pairs
-    warmup: int = 3
+    warmup: int = 1
     text_path: str | None = None    # held-out text; None = the held-out corpus shipped with the package
     n_text: int = 512
     extra: dict = field(default_factory=dict)

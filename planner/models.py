@@ -1,6 +1,7 @@
 """Loading and saving models: local Hugging Face directories only (no hub), portable pruned checkpoints."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -84,13 +85,13 @@ def save_portable(model, adapter, src_dir, out_dir, extra_config: dict | None = 
     if extra_config:
         for k, v in extra_config.items():
             setattr(model.config, k, v)
+    # save_pretrained rewrites config.architectures with the class it sees: keep the portable entries aside
+    portable = {k: copy.deepcopy(getattr(model.config, k)) for k in ("architectures", "auto_map", "planner_layers")}
     with io.atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        # save_pretrained writes the class name it sees; make sure the portable entry points are recorded
         cfg = json.loads((tmp / "config.json").read_text())
-        cfg["architectures"] = model.config.architectures
-        cfg["auto_map"] = model.config.auto_map
-        cfg["planner_layers"] = model.config.planner_layers
+        cfg.update(portable)
+        model.config.architectures = portable["architectures"]
         (tmp / "config.json").write_text(io.dumps(cfg))
         shutil.copy(Path(__file__).parent / "adapters" / "remote" / adapter.remote_file, tmp / adapter.remote_file)
         for p in src_dir.iterdir():

@@ -127,7 +127,7 @@ def _profile_in_model(model, adapter, x, grids, dense, cfg, progress):
         med, spr = [], []
         for w in grids[k]:
             vals = [(a - b) / L for a, b in zip(per_round[w], zero)]
-            med.append(median(vals))
+            med.append(max(median(vals), 0.0))      # noise can push a tiny module below its removal
             spr.append(spread(vals) if cfg.rounds > 1 else 0.0)
         mods[k] = {"widths": grids[k], "median": med, "spread": spr}
     return {"median": median(bases), "spread": spread(bases), "reps": len(bases) * cfg.reps}, mods

@@ -1,0 +1,148 @@
+"""The public API: profile → plan (database + DP) → apply → verify, and load. The CLI calls only these."""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from pathlib import Path
+
+import torch
+
+from . import data, hardware, io
+from .apply import apply_
+from .config import PlanConfig, ProfileConfig, VerifyConfig
+from .database import Database, DatabaseConfig
+from .database import build as build_db
+from .errors import PlannerError
+from .models import fingerprint, load_model, load_tokenizer, n_params, save_portable
+from .planning import format_plan_table, solve_plans, uniform_plan
+from .profiler import check_profile, default_profile_path
+from .profiler import profile as _profile
+from .profiler import width_grid
+from .types import LatencyProfile, Plan, VerifyReport
+from .verify import conditions, embeddings, measure_speedup, similarity_quality
+
+
+def profile(model_path, cfg: ProfileConfig = ProfileConfig(), out=None, root="profiles", progress=True):
+    """Measure a latency profile on this machine; write it to `out` (default under `root`). Returns (profile, path)."""
+    p = _profile(model_path, cfg, progress)
+    path = Path(out) if out else default_profile_path(p, root)
+    p.save(path)
+    return p, path
+
+
+def calibration_batches(model_path, calib_path, n, max_len, batch_size):
+    texts = data.sample(data.read_lines(calib_path, data.CALIBRATION, "calibration file"), n)
+    tok = load_tokenizer(model_path)
+    return data.batches(tok, texts, batch_size, max_len), io.sha256_text(*texts, str(max_len), str(batch_size))
+
+
+def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, progress=True) -> Database:
+    model, adapter = load_model(model_path, device=cfg.device)
+    shape = adapter.shape(model)
+    batches, calib_hash = calibration_batches(model_path, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
+    levels = {"attn": width_grid("attn", shape.n_heads, 1), "ffn": prof.times("ffn").widths}
+    identity = {"model": fingerprint(model_path), "calibration": calib_hash}
+    return build_db(model, adapter, batches, db_dir, levels, DatabaseConfig(cfg.damp, cfg.val_fraction, cfg.device),
+                    identity, progress)
+
+
+def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True) -> list[Plan]:
+    """Build (or reuse) the OBS database under out_dir/db and write one Plan per target: out_dir/plan-<t>x.json."""
+    prof = LatencyProfile.load(profile_path)
+    model, adapter = load_model(model_path)
+    check_profile(prof, adapter.shape(model), prof.hardware.get("device", "cpu"), cfg.allow_other_machine)
+    # Refuse unreachable targets before the expensive database build.
+    too_far = [t for t in cfg.targets if t > prof.max_speedup()]
+    if too_far:
+        from .errors import UnreachableTarget
+        raise UnreachableTarget(f"speedup {max(too_far):g}x is not reachable with this profile: the largest "
+                                f"reachable speedup is {prof.max_speedup():.2f}x")
+    out_dir = Path(out_dir)
+    db = build_database(model_path, prof, cfg, out_dir / "db", progress)
+    info = {"path": str(model_path), "fingerprint": fingerprint(model_path)}
+    calib = {"calib_path": cfg.calib_path, "n_calib": cfg.n_calib, "calib_max_len": cfg.calib_max_len,
+             "calib_batch": cfg.calib_batch, "damp": cfg.damp, "val_fraction": cfg.val_fraction,
+             "weights": "sequential" if cfg.sequential else "obs"}
+    plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib)
+    for p in plans:
+        p.save(out_dir / plan_name(p))
+    return plans
+
+
+def plan_name(p: Plan) -> str:
+    tag = "" if p.method == "planner" else f"-{p.method}"
+    return f"plan{tag}-{p.target_speedup:g}x.json"
+
+
+def apply(model_path, plan_path_or_plan, out_dir, calib_path=None, weights: str | None = None, select: str = "obs",
+          progress=True, check_fingerprint=True):
+    """Compress `model_path` to the plan and write a portable HF directory. Returns (out_dir, model)."""
+    p = plan_path_or_plan if isinstance(plan_path_or_plan, Plan) else Plan.load(plan_path_or_plan)
+    model, adapter = load_model(model_path)
+    if check_fingerprint and p.model.get("fingerprint") and p.model["fingerprint"] != fingerprint(model_path):
+        raise PlannerError(f"the plan was made for another checkpoint ({p.model.get('path')}); plan this model first")
+    o = p.options
+    weights = weights or o.get("weights", "sequential")
+    db = None
+    if select == "obs":
+        db_path = Path(p.database.get("path", ""))
+        if not (db_path / "index.json").exists():
+            raise PlannerError(f"the plan's OBS database {db_path} is missing: rerun `planner plan`")
+        db = Database(db_path)
+    batches = None
+    if weights == "sequential":
+        batches, _ = calibration_batches(model_path, calib_path or o.get("calib_path"), o.get("n_calib", 1024),
+                                         o.get("calib_max_len", 128), o.get("calib_batch", 32))
+    apply_(model, adapter, p, select=select, weights=weights, db=db, batches=batches,
+           damp=o.get("damp", 0.01), progress=progress)
+    record = {"method": p.method, "target_speedup": p.target_speedup, "predicted_speedup": p.predicted_speedup,
+              "weights": weights, "select": select, "profile": {k: p.profile.get(k) for k in
+              ("batch_size", "seq_len", "dtype", "mode")} | {"hardware": p.profile.get("hardware", {}).get("key")},
+              "source": p.model}
+    save_portable(model, adapter, model_path, out_dir, {"planner": record})
+    return Path(out_dir), model
+
+
+def load(path, device="cpu"):
+    """Load a (compressed or dense) checkpoint written by planner or Hugging Face."""
+    return load_model(path, device=device)[0]
+
+
+def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), profile_path=None, out=None,
+           dense_model=None, progress=True) -> VerifyReport:
+    hardware.set_threads(cfg.threads)
+    dense, adapter = (dense_model, None) if dense_model is not None else load_model(dense_path, device=cfg.device)
+    comp, adapter = load_model(compressed_path, device=cfg.device)
+    sp = measure_speedup(dense, comp, adapter.shape(comp).vocab, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup,
+                         cfg.device)
+    cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device)
+    predicted = None
+    if profile_path:
+        prof = LatencyProfile.load(profile_path)
+        if (prof.batch_size, prof.seq_len) != (cfg.batch_size, cfg.seq_len):
+            raise PlannerError(f"profile is for batch {prof.batch_size} x seq {prof.seq_len}, verifying at "
+                               f"{cfg.batch_size} x {cfg.seq_len}: pass a profile of the same shape")
+        spec = [s.to_dict() for s in adapter.spec(comp)]
+        predicted = prof.base["median"] / prof.predict(spec)
+    else:
+        rec = getattr(comp.config, "planner", None) or {}
+        pc = rec.get("profile", {})
+        if pc.get("batch_size") == cfg.batch_size and pc.get("seq_len") == cfg.seq_len and \
+                pc.get("hardware") == cond["key"]:
+            predicted = rec.get("predicted_speedup")
+    texts = data.sample(data.read_lines(cfg.text_path, data.HELDOUT, "held-out text file"), cfg.n_text, seed=1)
+    tok = load_tokenizer(compressed_path)
+    ed = embeddings(dense, adapter, tok, texts, device=cfg.device)
+    ec = embeddings(comp, adapter, tok, texts, device=cfg.device)
+    q = similarity_quality(ed, ec)
+    q["n_text"] = len(texts)
+    rep = VerifyReport(dense=str(dense_path), compressed=str(compressed_path), conditions=cond,
+                       dense_time=sp["dense_time"], compressed_time=sp["compressed_time"],
+                       measured_speedup=sp["speedup"], predicted_speedup=predicted,
+                       prediction_ratio=(predicted / sp["speedup"]) if predicted else None,
+                       quality=q | {"speedup_spread": sp["speedup_spread"]},
+                       sizes={"dense_params": n_params(dense), "compressed_params": n_params(comp)},
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if out:
+        rep.save(out)
+    return rep

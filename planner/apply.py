@@ -1,0 +1,132 @@
+"""Apply a plan: choose the kept structures, fit their weights, physically shrink the modules.
+
+Weights of the kept columns come from one of:
+- "sequential" (default): least squares against the dense block's outputs, on inputs that come from the
+  already-compressed earlier blocks: min ‖W X − Ŵ_S X̂_S‖² (`obs.reconstruct_cross`). This corrects the
+  drift that earlier pruning causes, which per-layer OBS on dense inputs cannot see.
+- "obs": the OBS result on dense calibration inputs, recovered exactly from the database's Hessian.
+- "none": the kept columns unchanged (the magnitude baseline).
+Kept structures come from the database's OBS removal order, or by weight magnitude for the baseline.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from tqdm.auto import tqdm
+
+from . import obs
+from .calibration import BlockInputs, capture_block_inputs, run_block
+from .database import Database
+from .errors import PlannerError
+from .types import KINDS, Plan
+
+
+def _target(plan_layer: dict, kind: str) -> int:
+    return int(plan_layer["heads"] if kind == "attn" else plan_layer["ffn"])
+
+
+def kept_groups(model, adapter, layer_idx: int, kind: str, n_keep: int, select: str, db: Database | None):
+    """Sorted kept group indices: from the OBS order in the database, or by consumer-column magnitude."""
+    if select == "obs":
+        if db is None:
+            raise PlannerError("applying an OBS plan needs its database; it was not found")
+        return db.kept_groups(layer_idx, kind, n_keep)
+    lin = adapter.consumer(adapter.layers(model)[layer_idx], kind)
+    order = obs.magnitude_order(lin.weight.detach(), adapter.group_size(model, kind))
+    n = len(order)
+    return order[n - n_keep:].sort().values if n_keep else order[:0]
+
+
+def _columns(kept: torch.Tensor, gs: int) -> torch.Tensor:
+    return (kept[:, None] * gs + torch.arange(gs)).reshape(-1)
+
+
+def _check_plan(model, adapter, plan: Plan):
+    spec = adapter.spec(model)
+    if len(plan.layers) != len(spec):
+        raise PlannerError(f"plan has {len(plan.layers)} layers, the model {len(spec)}: wrong model for this plan")
+    for l, (s, p) in enumerate(zip(spec, plan.layers)):
+        if p["heads"] > s.heads or p["ffn"] > s.ffn:
+            raise PlannerError(f"plan keeps more than layer {l} has ({p['heads']}/{p['ffn']} > {s.heads}/{s.ffn}): "
+                               f"wrong model for this plan")
+
+
+@torch.no_grad()
+def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequential", db: Database | None = None,
+           batches: list[dict] | None = None, damp: float = 0.01, progress: bool = True):
+    """Shrink `model` in place to `plan`. Returns the model."""
+    _check_plan(model, adapter, plan)
+    blocks = adapter.layers(model)
+    if weights != "sequential":
+        for i in tqdm(range(len(blocks)), desc="apply", disable=not progress, unit="block"):
+            for kind in KINDS:
+                _shrink_one(model, adapter, i, kind, _target(plan.layers[i], kind), select, weights, db, damp)
+        return model
+    if not batches:
+        raise PlannerError("sequential apply needs calibration text")
+    dense = copy.deepcopy(model)
+    dev = next(model.parameters()).device
+    d_in = capture_block_inputs(dense, adapter.layers(dense), batches, dev)
+    c_in = BlockInputs(list(d_in.hidden), d_in.args, d_in.kwargs, d_in.masks)
+    for i in tqdm(range(len(blocks)), desc="apply (sequential)", disable=not progress, unit="block"):
+        dblock, cblock = adapter.layers(dense)[i], blocks[i]
+        for kind in KINDS:
+            n_keep = _target(plan.layers[i], kind)
+            lin = adapter.consumer(cblock, kind)
+            gs = adapter.group_size(model, kind)
+            if lin is None or n_keep * (gs if kind == "attn" else 1) == lin.in_features:
+                continue
+            kept = kept_groups(model, adapter, i, kind, n_keep, select, db)
+            if n_keep == 0:
+                adapter.shrink_(cblock, kind, kept, None, model.config)
+                continue
+            H_hat, C = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in, c_in)
+            cols = _columns(kept, gs if kind == "attn" else 1)
+            W = lin.weight.detach().double()                          # (d_out, d_in)
+            W_S = obs.reconstruct_cross(W, H_hat, C, cols, damp)      # (d_out, len(cols))
+            adapter.shrink_(cblock, kind, kept, W_S.to(lin.weight.dtype), model.config)
+        d_in = d_in.with_hidden(run_block(dblock, d_in))
+        c_in = c_in.with_hidden(run_block(cblock, c_in))
+    del dense
+    return model
+
+
+def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: BlockInputs):
+    """H_hat = 2/n Σ x̂ x̂ᵀ and C = 2/n Σ x x̂ᵀ over real tokens: x the dense consumer's input, x̂ the
+    compressed one's (full width before shrinking), paired token by token. Both (d_in, d_in) float64."""
+    d = comp_lin.in_features
+    H_hat = torch.zeros(d, d, dtype=torch.float64)
+    C = torch.zeros(d, d, dtype=torch.float64)
+    n = 0
+    got = {}
+    h1 = dense_lin.register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0]))
+    h2 = comp_lin.register_forward_pre_hook(lambda m, a: got.__setitem__("xh", a[0]))
+    try:
+        for xd, xc, a, kw, mask in zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks):
+            dblock(xd, *a, **kw)
+            cblock(xc, *a, **kw)
+            x = got["x"][mask].double()                               # (tokens, d_in)
+            xh = got["xh"][mask].double()
+            H_hat += xh.T @ xh
+            C += x.T @ xh
+            n += x.shape[0]
+    finally:
+        h1.remove()
+        h2.remove()
+    return H_hat * (2 / n), C * (2 / n)
+
+
+def _shrink_one(model, adapter, i, kind, n_keep, select, weights, db, damp):
+    block = adapter.layers(model)[i]
+    lin = adapter.consumer(block, kind)
+    gs = adapter.group_size(model, kind)
+    if lin is None or n_keep * (gs if kind == "attn" else 1) == lin.in_features:
+        return
+    kept = kept_groups(model, adapter, i, kind, n_keep, select, db)
+    W_S = None
+    if n_keep and weights == "obs":
+        H = db.tensors(i)[f"{kind}.H"].double()
+        cols = _columns(kept, gs if kind == "attn" else 1)
+        W_S = obs.reconstruct(lin.weight.detach().double(), H, cols, damp).to(lin.weight.dtype)
+    adapter.shrink_(block, kind, kept, W_S, model.config)
