@@ -60,7 +60,8 @@ def _variant(model, adapter, kind: str, width: int):
     emb = adapter.base(model).embeddings
     v = copy.deepcopy(model, memo={id(emb): emb})       # share the embedding table: it is never pruned
     for layer in adapter.layers(v):
-        adapter.shrink_(layer, kind, torch.arange(width), None, v.config)
+        for k in (KINDS if kind == "all" else (kind,)):
+            adapter.shrink_(layer, k, torch.arange(width), None, v.config)
     return v
 
 
@@ -73,12 +74,15 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     x = latency_inputs(shape.vocab, cfg.batch_size, cfg.seq_len, cfg.device)
     dense = {"attn": shape.n_heads, "ffn": shape.ffn}
     grids = {k: width_grid(k, dense[k], cfg.ffn_step) for k in KINDS}
+    notes = []
     if cfg.method == "model":
-        base, mods = _profile_in_model(model, adapter, x, grids, dense, cfg, progress)
+        base, mods, constant = _profile_in_model(model, adapter, x, grids, dense, cfg, progress)
+        additive = constant + shape.n_layers * sum(mods[k]["median"][-1] for k in KINDS)
+        notes.append(f"constant = the model with every module removed, timed; constant + sum of dense modules "
+                     f"= {additive / base['median']:.3f} x the timed dense model")
     else:
         base, mods = _profile_modules(model, adapter, x, grids, cfg, progress)
-    constant = base["median"] - shape.n_layers * sum(mods[k]["median"][-1] for k in KINDS)
-    notes = []
+        constant = base["median"] - shape.n_layers * sum(mods[k]["median"][-1] for k in KINDS)
     if constant < 0:
         notes.append(f"constant came out negative ({constant:.2e} s): timing noise; clamped to 0")
         constant = 0.0
@@ -95,7 +99,8 @@ def _forward(model, x):
 
 def _profile_in_model(model, adapter, x, grids, dense, cfg, progress):
     L = len(adapter.layers(model))
-    options = [(k, w) for k in KINDS for w in grids[k] if w != dense[k]]
+    # ("all", 0): every module removed, which times the constant directly (positive by construction)
+    options = [(k, w) for k in KINDS for w in grids[k] if w != dense[k]] + [("all", 0)]
     diffs = {o: [] for o in options}
     bases = []
     chunk = 6                                     # a dense reference every few options tracks drift
@@ -130,7 +135,8 @@ def _profile_in_model(model, adapter, x, grids, dense, cfg, progress):
             med.append(max(median(vals), 0.0))      # noise can push a tiny module below its removal
             spr.append(spread(vals) if cfg.rounds > 1 else 0.0)
         mods[k] = {"widths": grids[k], "median": med, "spread": spr}
-    return {"median": median(bases), "spread": spread(bases), "reps": len(bases) * cfg.reps}, mods
+    constant = median(bases) + median(diffs[("all", 0)])          # the all-removed model, drift-corrected
+    return {"median": median(bases), "spread": spread(bases), "reps": len(bases) * cfg.reps}, mods, constant
 
 
 def _profile_modules(model, adapter, x, grids, cfg, progress):

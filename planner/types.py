@@ -114,7 +114,7 @@ class LatencyProfile(_JSON):
 
     def max_speedup(self) -> float:
         fastest = self.constant + self.arch.n_layers * (min(self.times("attn").monotone) + min(self.times("ffn").monotone))
-        return self.base["median"] / fastest
+        return self.base["median"] / fastest if fastest > 0 else float("inf")
 
     @property
     def conditions(self) -> str:

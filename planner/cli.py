@@ -1,0 +1,212 @@
+"""Command line: parse, build a config, call the library. No logic lives here.
+
+A PlannerError (bad input the user can fix) prints one line and exits 2; Ctrl-C exits 130.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import PlanConfig, ProfileConfig, VerifyConfig
+from .errors import PlannerError
+
+_model_arg = click.argument("model", type=click.Path(path_type=Path))
+
+
+def _fail(msg: str, code: int = 2):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PlannerError as e:
+            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            _fail("interrupted; rerun the same command to resume", 130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="planner")
+def main():
+    """Make a Hugging Face model N times faster on this machine, losing as little as possible.
+
+    \b
+    planner run                                     # the whole job on the embedded MiniLM
+    planner profile MODEL --batch-size 8 --seq-len 128
+    planner plan MODEL --profile P.json --speedup 1.5 --speedup 2 --out plans/
+    planner apply MODEL plans/plan-2x.json --out model-2x/
+    planner verify MODEL model-2x/
+    """
+
+
+def _profile_opts(f):
+    for opt in reversed([
+        click.option("--batch-size", "-b", default=ProfileConfig.batch_size, show_default=True),
+        click.option("--seq-len", "-s", default=ProfileConfig.seq_len, show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+                     show_default=True),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: all available)"),
+        click.option("--ffn-step", default=ProfileConfig.ffn_step, show_default=True,
+                     help="FFN widths timed: multiples of this"),
+        click.option("--method", type=click.Choice(["model", "module"]), default="model", show_default=True,
+                     help="time modules inside the running model, or alone"),
+        click.option("--rounds", default=ProfileConfig.rounds, show_default=True, help="interleaved rounds"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _profile_cfg(kw) -> ProfileConfig:
+    return ProfileConfig(batch_size=kw["batch_size"], seq_len=kw["seq_len"], device=kw["device"], dtype=kw["dtype"],
+                         threads=kw["threads"], ffn_step=kw["ffn_step"], method=kw["method"], rounds=kw["rounds"])
+
+
+@main.command()
+@_model_arg
+@_profile_opts
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="profile JSON (default: profiles/<hardware>/<shape>/prefill-b<B>-s<T>-<dtype>.json)")
+@click.option("--quiet", "-q", is_flag=True)
+def profile(model, out, quiet, **kw):
+    """Time the dense model and every prunable module at every kept width on this machine.
+
+    Example: planner profile ./my-bert --batch-size 8 --seq-len 128 --threads 2
+    """
+    from . import api
+    p, path = api.profile(model, _profile_cfg(kw), out=out, progress=not quiet)
+    click.echo(f"{path}: dense {p.base['median']*1e3:.2f} ms, non-prunable {p.constant*1e3:.2f} ms, "
+               f"largest reachable speedup {p.max_speedup():.1f}x ({p.conditions})")
+
+
+def _plan_opts(f):
+    for opt in reversed([
+        click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help="calibration text, one passage per line (default: the shipped corpus)"),
+        click.option("--n-calib", default=PlanConfig.n_calib, show_default=True),
+        click.option("--error-norm", type=click.Choice(["residual", "module"]), default=PlanConfig.error_norm,
+                     show_default=True, help="normalise errors by the residual stream or by the module output"),
+        click.option("--val-fraction", default=PlanConfig.val_fraction, show_default=True,
+                     help="share of calibration passages held back to score errors"),
+        click.option("--sequential/--no-sequential", default=True, show_default=True,
+                     help="refit kept weights on inputs from the already-compressed layers"),
+        click.option("--allow-other-machine", is_flag=True, help="accept a profile measured on another machine"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _plan_cfg(targets, kw, device="cpu") -> PlanConfig:
+    return PlanConfig(targets=tuple(targets), calib_path=str(kw["calib"]) if kw["calib"] else None,
+                      n_calib=kw["n_calib"], error_norm=kw["error_norm"], val_fraction=kw["val_fraction"],
+                      sequential=kw["sequential"], allow_other_machine=kw["allow_other_machine"], device=device)
+
+
+@main.command()
+@_model_arg
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), required=True)
+@click.option("--speedup", "-x", "targets", type=float, multiple=True, required=True, help="target; repeat for several")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="directory for the database and plans")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="where OBS runs")
+@_plan_opts
+@click.option("--json", "as_json", is_flag=True, help="print the plans as JSON")
+@click.option("--quiet", "-q", is_flag=True)
+def plan(model, profile_path, targets, out, device, as_json, quiet, **kw):
+    """Build the OBS database and solve for every speedup target in one DP.
+
+    Example: planner plan ./my-bert --profile profiles/.../prefill-b8-s128-float32.json -x 1.5 -x 2 -x 3 --out run/
+    """
+    from . import api
+    from .planning import format_plan_table
+    plans = api.plan(model, profile_path, _plan_cfg(targets, kw, device), out, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in plans], indent=2, sort_keys=True))
+    else:
+        click.echo(format_plan_table(plans))
+        click.echo(f"plans written to {out}/plan-<target>x.json")
+
+
+@main.command()
+@_model_arg
+@click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="output model directory")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="calibration text (default: the plan's)")
+@click.option("--weights", type=click.Choice(["sequential", "obs", "none"]), default=None,
+              help="how kept weights are fitted (default: as planned)")
+@click.option("--quiet", "-q", is_flag=True)
+def apply(model, plan_path, out, calib, weights, quiet):
+    """Stitch the OBS-corrected weights, shrink the modules and save a portable Hugging Face directory.
+
+    Example: planner apply ./my-bert run/plan-2x.json --out my-bert-2x/
+    """
+    from . import api
+    path, m = api.apply(model, plan_path, out, calib_path=calib, weights=weights, progress=not quiet)
+    from .models import n_params
+    click.echo(f"{path}: {n_params(m)/1e6:.1f}M parameters; load with "
+               f"AutoModel.from_pretrained('{path}', trust_remote_code=True) or planner.load('{path}')")
+
+
+@main.command()
+@click.argument("dense", type=click.Path(path_type=Path))
+@click.argument("compressed", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path), default=None, help="held-out text (default: shipped)")
+@click.option("--batch-size", "-b", default=VerifyConfig.batch_size, show_default=True)
+@click.option("--seq-len", "-s", default=VerifyConfig.seq_len, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--reps", default=VerifyConfig.reps, show_default=True)
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
+              help="predict the speedup from this profile (default: the plan recorded in the model)")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the report JSON here")
+@click.option("--json", "as_json", is_flag=True)
+def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_path, out, as_json):
+    """Measure speedup (interleaved with the dense model) and quality kept on held-out text.
+
+    Example: planner verify ./my-bert my-bert-2x/ --batch-size 8 --seq-len 128
+    """
+    from . import api
+    cfg = VerifyConfig(batch_size=batch_size, seq_len=seq_len, threads=threads, reps=reps,
+                       text_path=str(text) if text else None)
+    rep = api.verify(dense, compressed, cfg, profile_path=profile_path, out=out)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2, sort_keys=True))
+        return
+    pred = f"{rep.predicted_speedup:.2f}x" if rep.predicted_speedup else "n/a"
+    ratio = f"{rep.prediction_ratio:.3f}" if rep.prediction_ratio else "n/a"
+    q = rep.quality
+    click.echo(f"dense {rep.dense_time*1e3:.2f} ms | compressed {rep.compressed_time*1e3:.2f} ms | measured "
+               f"{rep.measured_speedup:.2f}x | predicted {pred} | predicted/measured {ratio}\n"
+               f"quality on {q['n_text']} held-out passages: cosine {q['cosine']:.3f} | spearman {q['spearman']:.3f} | "
+               f"nn_agree {q['nn_agree']:.3f}")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--speedup", "-x", "targets", type=float, multiple=True, default=(1.5, 2.0, 3.0), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/minilm"), show_default=True)
+@_profile_opts
+@_plan_opts
+@click.option("--no-baseline", is_flag=True, help="skip the uniform magnitude baseline")
+@click.option("--quiet", "-q", is_flag=True)
+def run(model, targets, out, no_baseline, quiet, **kw):
+    """The whole job: profile → plan → apply → verify (+ magnitude baseline), then a results table.
+
+    MODEL defaults to the embedded all-MiniLM-L6-v2. Rerunning resumes from what is already in --out.
+
+    Example: planner run --speedup 1.5 --speedup 2 --speedup 3 --batch-size 8 --seq-len 128
+    """
+    from .pipeline import RunConfig, default_model, run as run_job
+    model = model or default_model()
+    pcfg = _profile_cfg(kw)
+    cfg = RunConfig(targets=tuple(targets), profile=pcfg, plan=_plan_cfg(targets, kw, kw["device"]),
+                    baseline=not no_baseline)
+    run_job(model, out, cfg, quiet=quiet)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Tiny models built from configs (random weights) with a real WordPiece tokenizer; no hub needed."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from planner.data import read_lines
+
+torch.set_num_threads(2)
+
+
+def _vocab(n_words: int = 400) -> list[str]:
+    words = {}
+    for line in read_lines(None)[:400]:
+        for w in re.findall(r"[a-z]+", line.lower()):
+            words[w] = words.get(w, 0) + 1
+    common = sorted(words, key=lambda w: -words[w])[:n_words]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars[:26]] + common
+
+
+def make_tiny(path: Path, model_type: str = "bert", hidden=64, layers=2, heads=4, ffn=128, seed=0,
+              arch: str | None = None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab()
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    tok.save_pretrained(str(path))
+    kw = dict(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              intermediate_size=ffn, max_position_embeddings=160, pad_token_id=0)
+    if model_type == "roberta":
+        cfg = transformers.RobertaConfig(**kw)
+        cls = getattr(transformers, arch or "RobertaModel")
+    else:
+        cfg = transformers.BertConfig(**kw)
+        cls = getattr(transformers, arch or "BertModel")
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():                                        # break symmetry so pruning choices matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text("\n".join(read_lines(None)[:96]) + "\n")
+    return p
+
+
+@pytest.fixture(scope="session")
+def heldout_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("heldout") / "heldout.txt"
+    p.write_text("\n".join(read_lines(None, "heldout.txt")[:48]) + "\n")
+    return p
+
+
+def inputs(vocab: int, b: int = 2, t: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, t - 3:] = 0                                          # some padding
+    return {"input_ids": ids, "attention_mask": mask}

