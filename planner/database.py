@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import io, obs
-from .calibration import BlockInputs, capture_block_inputs
+from .calibration import BlockInputs, capture_block_inputs, run_block
 from .errors import PlannerError
 from .types import KINDS
 
@@ -78,7 +78,7 @@ def _split(batches: list[dict], val_fraction: float) -> tuple[list[dict], list[d
     """Every k-th batch goes to validation (batches are length-sorted, so both halves span all lengths)."""
     if val_fraction <= 0 or len(batches) < 2:
         return batches, batches
-    k = max(2, round(1 / val_fraction))
+    k = min(max(2, round(1 / val_fraction)), len(batches))   # at least one validation batch
     val = [b for i, b in enumerate(batches) if i % k == k - 1]
     train = [b for i, b in enumerate(batches) if i % k != k - 1]
     return train, val
@@ -166,8 +166,9 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
     bar = tqdm(total=len(blocks), desc="OBS database", disable=not progress, unit="block")
     for i, block in enumerate(blocks):
         if i in done:                                               # resume: only push activations through
-            train = train.with_hidden(_Stats(block, adapter, dev).run(block, train))
-            val = val.with_hidden(_Stats(block, adapter, dev).run(block, val)) if val is not train else train
+            new_val = run_block(block, val) if val is not train else None
+            train = train.with_hidden(run_block(block, train))
+            val = val.with_hidden(new_val) if new_val is not None else train
             bar.update()
             continue
         st_train = _Stats(block, adapter, dev)

@@ -18,6 +18,14 @@ from .errors import PlannerError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")      # a local directory never needs the network
+# planner prints its own progress; transformers' per-load bars and reports would drown it
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+try:
+    from huggingface_hub.utils import disable_progress_bars
+    disable_progress_bars()
+except ImportError:  # pragma: no cover
+    pass
 
 
 def _config_dict(path: Path) -> dict:

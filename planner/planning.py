@@ -44,7 +44,7 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
     groups, widths, times, errors = options(db, prof, norm)
     base = prof.base["median"]
     fastest = prof.constant + solver.min_time(times)
-    max_speedup = base / fastest
+    max_speedup = base / fastest if fastest > 0 else float("inf")
     budgets = []
     for t in targets:
         b = base / t - prof.constant

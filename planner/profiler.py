@@ -76,13 +76,15 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     grids = {k: width_grid(k, dense[k], cfg.ffn_step) for k in KINDS}
     notes = []
     if cfg.method == "model":
-        base, mods, constant = _profile_in_model(model, adapter, x, grids, dense, cfg, progress)
-        additive = constant + shape.n_layers * sum(mods[k]["median"][-1] for k in KINDS)
-        notes.append(f"constant = the model with every module removed, timed; constant + sum of dense modules "
-                     f"= {additive / base['median']:.3f} x the timed dense model")
+        base, mods, all_removed = _profile_in_model(model, adapter, x, grids, dense, cfg, progress)
+        # The constant is anchored at the dense model (base - sum of dense modules) so that the prediction is
+        # exact there; the timed all-removed model is kept as a diagnostic: removing attention and FFN together
+        # saves less than the two separately (measured 9% of base at batch 8 on a 2-core CPU), so using it as
+        # the constant under-predicted speedups by 10-15%.
+        notes.append(f"all modules removed, timed: {all_removed * 1e3:.3f} ms")
     else:
         base, mods = _profile_modules(model, adapter, x, grids, cfg, progress)
-        constant = base["median"] - shape.n_layers * sum(mods[k]["median"][-1] for k in KINDS)
+    constant = base["median"] - shape.n_layers * sum(mods[k]["median"][-1] for k in KINDS)
     if constant < 0:
         notes.append(f"constant came out negative ({constant:.2e} s): timing noise; clamped to 0")
         constant = 0.0

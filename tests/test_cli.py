@@ -82,7 +82,7 @@ def test_missing_paths(tmp_path, tiny_bert, profiled):
     _err(["verify", tiny_bert, tmp_path / "nope"], "not found")
     d = tmp_path / "noconfig"
     d.mkdir()
-    _err(["apply", d, tmp_path / "p.json", "--out", tmp_path / "o2"], "no config.json")
+    _err(["verify", tiny_bert, d], "no config.json")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
@@ -95,7 +95,7 @@ def test_corrupted_profile_and_weights(tmp_path, tiny_bert, calib_file):
     for f in Path(tiny_bert).iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"\x00garbage" * 10)
-    _err(["apply", broken, tmp_path / "p.json", "--out", tmp_path / "o"], "could not load model")
+    _err(["verify", tiny_bert, broken], "could not load model")
     assert not (tmp_path / "o").exists()
 
 
