@@ -67,8 +67,7 @@ def main():
                          "min_ffn": min(ffn), "mean_ffn": sum(ffn) / len(ffn)})
         print(f"{name}: {time.time() - t0:.0f}s", flush=True)
     for t in a.targets:
-        u = uniform_plan(prof, t, len(dense.config.planner_layers) if hasattr(dense.config, "planner_layers") else
-                         dense.config.num_hidden_layers)
+        u = uniform_plan(prof, t, len(adapter.layers(dense)))
         _, m = api.apply(model_path, u, Path(a.work) / "tmp-model", select="magnitude", weights="none",
                          progress=False, check_fingerprint=False)
         q = similarity_quality(e_dense, embeddings(m, adapter, tok, texts))

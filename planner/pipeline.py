@@ -109,13 +109,4 @@ def format_results(df: pd.DataFrame, prof: LatencyProfile) -> str:
     for c in ("cosine", "spearman", "nn_agree"):
         d[c] = d[c].map(lambda x: f"{x:.3f}")
     d["params_M"] = d["params_M"].map(lambda x: f"{x:.1f}")
-    return f"Conditions: {prof.conditions}\n\n" + d.to_markdown(index=False) if _has_tabulate() else \
-        f"Conditions: {prof.conditions}\n\n" + d.to_string(index=False)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return f"Conditions: {prof.conditions}\n\n" + d.to_markdown(index=False)
