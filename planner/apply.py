@@ -61,7 +61,12 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
     if weights != "sequential":
         for i in tqdm(range(len(blocks)), desc="apply", disable=not progress, unit="block"):
             for kind in KINDS:
-                _shrink_one(model, adapter, i, kind, _target(plan.layers[i], kind), select, weights, db, damp)
+                def fit(lin, cols, i=i, kind=kind):
+                    if weights != "obs":
+                        return None
+                    H = db.tensors(i)[f"{kind}.H"].double()
+                    return obs.reconstruct(lin.weight.detach().double(), H, cols, damp)
+                _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
         return model
     if not batches:
         raise PlannerError("sequential apply needs calibration text")
@@ -72,24 +77,27 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
     for i in tqdm(range(len(blocks)), desc="apply (sequential)", disable=not progress, unit="block"):
         dblock, cblock = adapter.layers(dense)[i], blocks[i]
         for kind in KINDS:
-            n_keep = _target(plan.layers[i], kind)
-            lin = adapter.consumer(cblock, kind)
-            gs = adapter.group_size(model, kind)
-            if lin is None or n_keep * (gs if kind == "attn" else 1) == lin.in_features:
-                continue
-            kept = kept_groups(model, adapter, i, kind, n_keep, select, db)
-            if n_keep == 0:
-                adapter.shrink_(cblock, kind, kept, None, model.config)
-                continue
-            H_hat, C = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in, c_in)
-            cols = _columns(kept, gs if kind == "attn" else 1)
-            W = lin.weight.detach().double()                          # (d_out, d_in)
-            W_S = obs.reconstruct_cross(W, H_hat, C, cols, damp)      # (d_out, len(cols))
-            adapter.shrink_(cblock, kind, kept, W_S.to(lin.weight.dtype), model.config)
+            def fit(lin, cols, kind=kind):
+                H_hat, C = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in, c_in)
+                return obs.reconstruct_cross(lin.weight.detach().double(), H_hat, C, cols, damp)
+            _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
         d_in = d_in.with_hidden(run_block(dblock, d_in))
         c_in = c_in.with_hidden(run_block(cblock, c_in))
     del dense
     return model
+
+
+def _shrink(model, adapter, i, kind, n_keep, select, db, fit):
+    """Shrink block i's `kind` to n_keep groups; fit(consumer linear, kept columns) gives the kept columns' new
+    weights, (d_out, len(cols)) float64, or None to keep them as they are. Removing everything needs no fit."""
+    block = adapter.layers(model)[i]
+    lin = adapter.consumer(block, kind)
+    gs = adapter.group_size(model, kind)
+    if lin is None or n_keep * gs == lin.in_features:
+        return
+    kept = kept_groups(model, adapter, i, kind, n_keep, select, db)
+    W_S = fit(lin, _columns(kept, gs)) if n_keep else None
+    adapter.shrink_(block, kind, kept, None if W_S is None else W_S.to(lin.weight.dtype), model.config)
 
 
 def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: BlockInputs):
@@ -115,18 +123,3 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
         h1.remove()
         h2.remove()
     return H_hat * (2 / n), C * (2 / n)
-
-
-def _shrink_one(model, adapter, i, kind, n_keep, select, weights, db, damp):
-    block = adapter.layers(model)[i]
-    lin = adapter.consumer(block, kind)
-    gs = adapter.group_size(model, kind)
-    if lin is None or n_keep * (gs if kind == "attn" else 1) == lin.in_features:
-        return
-    kept = kept_groups(model, adapter, i, kind, n_keep, select, db)
-    W_S = None
-    if n_keep and weights == "obs":
-        H = db.tensors(i)[f"{kind}.H"].double()
-        cols = _columns(kept, gs if kind == "attn" else 1)
-        W_S = obs.reconstruct(lin.weight.detach().double(), H, cols, damp).to(lin.weight.dtype)
-    adapter.shrink_(block, kind, kept, W_S, model.config)

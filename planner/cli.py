@@ -58,6 +58,10 @@ def _profile_opts(f):
         click.option("--method", type=click.Choice(["model", "module"]), default="model", show_default=True,
                      help="time modules inside the running model, or alone"),
         click.option("--rounds", default=ProfileConfig.rounds, show_default=True, help="interleaved rounds"),
+        click.option("--smooth", default=ProfileConfig.smooth, show_default=True,
+                     help="de-noise module time curves over +-N grid points (0: use the medians as measured)"),
+        click.option("--n-mixed", default=ProfileConfig.n_mixed, show_default=True,
+                     help="random mixed architectures timed to fit and check the latency model (0: none)"),
     ]):
         f = opt(f)
     return f
@@ -65,7 +69,8 @@ def _profile_opts(f):
 
 def _profile_cfg(kw) -> ProfileConfig:
     return ProfileConfig(batch_size=kw["batch_size"], seq_len=kw["seq_len"], device=kw["device"], dtype=kw["dtype"],
-                         threads=kw["threads"], ffn_step=kw["ffn_step"], method=kw["method"], rounds=kw["rounds"])
+                         threads=kw["threads"], ffn_step=kw["ffn_step"], method=kw["method"], rounds=kw["rounds"],
+                         n_mixed=kw["n_mixed"], smooth=kw["smooth"])
 
 
 @main.command()

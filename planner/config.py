@@ -24,8 +24,10 @@ class ProfileConfig:
     ffn_step: int = 32              # FFN width grid: multiples of this (kernel-friendly), plus 0 and the dense width
     method: str = "model"           # "model": time modules inside the running model; "module": alone
     warmup: int = 1
-    reps: int = 3                   # repetitions per measurement; the median is kept
+    reps: int = 2                   # dense/variant ABBA pairs per variant and round (module method: calls)
     rounds: int = 4                 # interleaved rounds over all options (drift hits every option alike)
+    smooth: int = 4                 # de-noise module curves over ±this many grid points (FFN; ≤2 for heads); 0: off
+    n_mixed: int = 8                # random mixed architectures timed to fit and check the additive model
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
@@ -36,6 +38,8 @@ class ProfileConfig:
         _check(self.ffn_step >= 1, "--ffn-step must be >= 1")
         _check(self.method in ("model", "module"), "--method must be 'model' or 'module'")
         _check(self.reps >= 1 and self.warmup >= 0 and self.rounds >= 1, "reps/rounds must be >= 1")
+        _check(self.n_mixed >= 0, "--n-mixed must be >= 0")
+        _check(self.smooth >= 0, "--smooth must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

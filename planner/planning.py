@@ -34,7 +34,7 @@ def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = 
             c = (scale or {}).get((l, kind), 1.0)
             groups.append((l, kind))
             widths.append(np.array(ws))
-            times.append(np.array([mt.time_at(w, monotone=False) for w in ws]))
+            times.append(np.array([mt.time_at(w) for w in ws]))
             errors.append(np.array([c * errs[w] for w in ws]))
     return groups, widths, times, errors
 
@@ -81,7 +81,7 @@ def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=
     for frac in np.linspace(1.0, 0.0, 401):
         k = int(round(frac * H))
         w = min(F.widths, key=lambda x: abs(x - frac * D))
-        pred = prof.constant + n_layers * (A.time_at(k, False) + F.time_at(w, False))
+        pred = prof.constant + n_layers * (A.time_at(k) + F.time_at(w))
         if prof.base["median"] / pred >= target:
             best = (k, w, pred)
             break
@@ -89,7 +89,7 @@ def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=
         raise UnreachableTarget(f"speedup {target:g}x is not reachable by uniform pruning with this profile "
                                 f"(largest {prof.max_speedup():.2f}x)")
     k, w, pred = best
-    layers = [{"heads": k, "ffn": w, "attn_time": A.time_at(k, False), "ffn_time": F.time_at(w, False),
+    layers = [{"heads": k, "ffn": w, "attn_time": A.time_at(k), "ffn_time": F.time_at(w),
                "attn_error": 0.0, "ffn_error": 0.0} for _ in range(n_layers)]
     return Plan(method=method, target_speedup=float(target), predicted_time=float(pred),
                 predicted_speedup=float(prof.base["median"] / pred), base_time=prof.base["median"], layers=layers,

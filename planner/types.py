@@ -68,10 +68,14 @@ class ModuleTimes:
     widths: list[int]      # ascending; includes 0 (module removed) and the dense width
     median: list[float]    # seconds, as measured
     spread: list[float]    # seconds, (p90 - p10) / 2 of the repetitions
+    model: list[float] | None = None   # seconds, de-noised and non-decreasing (latency.smooth_curve): predictions
 
     @property
     def monotone(self) -> list[float]:
-        """Running minimum from the widest down: keeping more never has to cost more (the solver's view)."""
+        """The solver's view: the de-noised curve, or for a profile without one the running minimum from the
+        widest down (keeping more never has to cost more)."""
+        if self.model is not None:
+            return [float(x) for x in self.model]
         m = np.minimum.accumulate(np.asarray(self.median)[::-1])[::-1]
         return [float(x) for x in m]
 
@@ -97,6 +101,10 @@ class LatencyProfile(_JSON):
     modules: dict           # kind -> ModuleTimes as dict
     created: str
     notes: list = field(default_factory=list)
+    # affine correction fitted on timed mixed architectures, already folded into modules/constant:
+    # {"offset", "scale", "applied", "n_mixed", "max_rel_error_additive", "max_rel_error", "loo_max_rel_error",
+    #  "variants": [{"layers", "measured", "additive", "predicted"}]}
+    fit: dict = field(default_factory=dict)
 
     def times(self, kind: str) -> ModuleTimes:
         return ModuleTimes(**self.modules[kind])

@@ -42,6 +42,12 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
     assert prof.times("attn").widths == [0, 1, 2, 3, 4]
     assert prof.times("ffn").widths == [0, 32, 64, 96, 128]
     assert prof.base["median"] > 0 and prof.hardware["threads"] == 1
+    for k in ("attn", "ffn"):                         # the de-noised curve the solver uses: monotone, 0 at removal
+        m = prof.times(k).model
+        assert m[0] == 0.0 and all(b >= a for a, b in zip(m, m[1:]))
+    assert prof.fit["n_mixed"] == 8 and len(prof.fit["variants"]) == 8      # the self-check on mixed architectures
+    for v in prof.fit["variants"]:
+        assert v["measured"] > 0 and v["predicted"] == pytest.approx(prof.predict(v["layers"]))
     target = round(min(1.5, 0.8 * prof.max_speedup()), 2)
     r = _ok(["plan", tiny_bert, "--profile", profiled, "-x", target, "--calib", calib_file, "--n-calib", 64,
              "--out", tmp_path / "run", "-q"])

@@ -67,3 +67,40 @@ def test_uniform_plan_meets_target():
     u = uniform_plan(p, 1.5, 2)
     assert u.predicted_speedup >= 1.5
     assert len({(l["heads"], l["ffn"]) for l in u.layers}) == 1
+
+
+def test_model_curve_is_the_solvers_view():
+    p = _profile(modules={"attn": {"widths": [0, 1, 2], "median": [0, 3.0, 2.0], "spread": [0] * 3,
+                                   "model": [0, 2.4, 2.5]},
+                          "ffn": {"widths": [0, 1], "median": [0, 1.0], "spread": [0, 0]}})
+    assert p.times("attn").monotone == [0, 2.4, 2.5]
+    assert p.times("attn").time_at(1) == 2.4 and p.times("attn").time_at(1, monotone=False) == 3.0
+
+
+def _mixed_truth(p, archs, offset, scale):
+    """Measured times of `archs` if the truth were offset + scale * the additive model."""
+    return [offset + scale * p.predict(a) for a in archs]
+
+
+def test_profile_fit_folds_in_a_correction_that_helps():
+    from planner.profiler import _fit
+    p = _profile(constant=2.0)
+    archs = [[{"heads": h, "ffn": f}] * 2 for h, f in [(1, 0), (2, 64), (3, 64), (0, 128), (4, 0)]]
+    measured = _mixed_truth(p, archs, 1.0, 0.9)          # passes through the dense point (10 s, 10 s)
+    q = _fit(p, archs, measured)
+    assert q.fit["applied"] and q.fit["scale"] == pytest.approx(0.9, rel=0.02)
+    assert q.fit["max_rel_error"] < 0.01 < q.fit["max_rel_error_additive"]
+    for a, m in zip(archs, measured):
+        assert q.predict(a) == pytest.approx(m, rel=0.01)           # folded into modules and constant
+    assert LatencyProfile.from_dict(q.to_dict()) == q
+
+
+def test_profile_fit_rejected_when_it_does_not_help():
+    from planner.profiler import _fit
+    p = _profile(constant=2.0)
+    archs = [[{"heads": h, "ffn": f}] * 2 for h, f in [(1, 0), (2, 64), (3, 64), (0, 128)]]
+    measured = [p.predict(a) * (1 + e) for a, e in zip(archs, [0.03, -0.03, 0.03, -0.03])]   # pure noise
+    q = _fit(p, archs, measured)
+    assert not q.fit["applied"]
+    assert q.modules == p.modules and q.constant == p.constant
+    assert q.fit["max_rel_error"] == pytest.approx(1 / 0.97 - 1, rel=1e-9)
