@@ -30,6 +30,25 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), out=None, root="pr
     return p, path
 
 
+def list_profiles(root="profiles") -> list[dict]:
+    """One row per stored profile under `root`: its conditions and how well it predicted its own check.
+    Files that are not readable profiles are listed with the reason instead of failing the listing."""
+    rows = []
+    for path in sorted(Path(root).rglob("*.json")):
+        try:
+            p = LatencyProfile.load(path)
+        except PlannerError as e:
+            rows.append({"path": str(path), "error": str(e).splitlines()[0]})
+            continue
+        rows.append({"path": str(path), "hardware": p.hardware.get("name"), "machine": p.hardware.get("key"),
+                     "device": p.hardware.get("device"), "threads": p.hardware.get("threads"),
+                     "shape": p.shape.get("key"), "mode": p.mode, "batch": p.batch_size, "seq": p.seq_len,
+                     "dtype": p.dtype, "dense_ms": p.base["median"] * 1e3, "max_speedup": p.max_speedup(),
+                     "check_max_err": p.fit.get("max_rel_error") if p.fit else None,
+                     "torch": p.hardware.get("torch"), "created": p.created})
+    return rows
+
+
 def calibration_batches(model_path, calib_path, n, max_len, batch_size):
     texts = data.sample(data.read_lines(calib_path, data.CALIBRATION, "calibration file"), n)
     tok = load_tokenizer(model_path)

@@ -90,6 +90,32 @@ def profile(model, out, quiet, **kw):
                f"largest reachable speedup {p.max_speedup():.1f}x ({p.conditions})")
 
 
+@main.command()
+@click.option("--root", type=click.Path(path_type=Path), default=Path("profiles"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+def profiles(root, as_json):
+    """List the stored latency profiles with their conditions.
+
+    Example: planner profiles --root profiles/
+    """
+    from . import api
+    rows = api.list_profiles(root)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not rows:
+        click.echo(f"no profiles under {root}; make one with `planner profile MODEL`")
+        return
+    for r in rows:
+        if "error" in r:
+            click.echo(f"{r['path']}: unreadable ({r['error']})")
+            continue
+        err = f", self-check within {r['check_max_err']:.1%}" if r["check_max_err"] is not None else ""
+        click.echo(f"{r['path']}: {r['hardware']} ({r['device']}, {r['threads']} threads), {r['shape']}, "
+                   f"{r['mode']} b{r['batch']} x s{r['seq']} {r['dtype']}, dense {r['dense_ms']:.2f} ms, "
+                   f"up to {r['max_speedup']:.1f}x{err}, torch {r['torch']}, {r['created']}")
+
+
 def _plan_opts(f):
     for opt in reversed([
         click.option("--calib", type=click.Path(path_type=Path), default=None,

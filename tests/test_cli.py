@@ -69,7 +69,8 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
 
 
 def test_help_has_examples():
-    for cmd in ("profile", "plan", "apply", "verify", "run"):
+    assert set(main.commands) == {"profile", "profiles", "plan", "apply", "verify", "run"}
+    for cmd in main.commands:
         r = CliRunner().invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "Example" in r.output, cmd
 
@@ -143,3 +144,20 @@ def test_bad_option_values(tiny_bert, tmp_path, profiled):
     line = _err(["plan", tiny_bert, "--profile", profiled, "-x", 0.5, "--out", tmp_path / "o"], "> 1")
     assert "0.5" in line or "speedup" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_profiles_lists_stored_profiles(tmp_path, profiled):
+    root = tmp_path / "profiles"
+    (root / "m" / "s").mkdir(parents=True)
+    (root / "m" / "s" / "p.json").write_text(Path(profiled).read_text())
+    (root / "m" / "bad.json").write_text("{not json")
+    rows = json.loads(_ok(["profiles", "--root", root, "--json"]).output)
+    assert [Path(r["path"]).name for r in rows] == ["bad.json", "p.json"]
+    assert "error" in rows[0]
+    prof = LatencyProfile.load(profiled)
+    good = rows[1]
+    assert (good["batch"], good["seq"], good["dtype"], good["threads"]) == (2, 16, "float32", 1)
+    assert good["shape"] == prof.shape["key"] and good["check_max_err"] == prof.fit["max_rel_error"]
+    text = _ok(["profiles", "--root", root]).output
+    assert "unreadable" in text and "b2 x s16" in text
+    assert "no profiles" in _ok(["profiles", "--root", tmp_path / "none"]).output
