@@ -5,14 +5,14 @@ the checkpoint's architecture and times it.
 
 Two methods:
 - "model" (default): each option is timed *inside the running model*: a variant where every block's
-  attention keeps k heads (or every FFN keeps w neurons) is timed against the dense model, interleaved.
-  Module time = (variant - dense) / L, anchored at the removed module. This captures what isolated
+  attention keeps k heads (or every FFN keeps w neurons) is timed against the dense model, interleaved (ABBA).
+  Module time = base * (ratio(w) - ratio(0)) / L with ratio = variant / dense, anchored at the removed module. This captures what isolated
   timing misses: cache pressure from the other blocks and per-call overheads, which dominate at batch 1.
 - "module": the module alone in a loop, as ZipLM did; fast, but at small batch it under-predicts speedups.
 The constant (embeddings, norms, pooler, everything not prunable) is base - Σ dense module times.
-Then a few random mixed architectures are timed against the dense model and an affine correction of the
-additive model is fitted and folded into the module times (latency.py); the profile records the fit and the
-prediction error on those architectures before and after it.
+The module curves are de-noised (latency.smooth_curve). Then a few random mixed architectures are timed against
+the dense model; an affine correction of the additive model is fitted on them and folded into the module times
+only when it predicts them better (latency.py). The profile records this check in `fit`.
 """
 from __future__ import annotations
 
@@ -95,10 +95,9 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     if cfg.method == "model":
         base, mods, all_removed, mixed_times = _profile_in_model(model, adapter, x, grids, dense, mixed, cfg,
                                                                  progress)
-        # The timed all-removed model is a diagnostic of non-additivity: removing attention and FFN together
-        # saves less than the two separately (9% of base left at batch 8 on a 2-core CPU, where base - Σ dense
-        # modules ≈ 0). Used as the constant it under-predicted speedups by 10-15%; the affine fit on mixed
-        # architectures (_fit) is what corrects the model in the range plans actually land in.
+        # The timed all-removed model is a diagnostic of non-additivity (2-12 ms at batch 8 on a 2-core CPU,
+        # where base - Σ dense modules came out near 0). Used as the constant it under-predicted speedups by
+        # 10-15%; the check on mixed architectures (_fit) corrects the model where plans actually land.
         notes.append(f"all modules removed, timed: {all_removed * 1e3:.3f} ms")
     else:
         base, mods = _profile_modules(model, adapter, x, grids, cfg, progress)
