@@ -30,6 +30,16 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), out=None, root="pr
     return p, path
 
 
+def profile_summary(p: LatencyProfile, path=None) -> dict:
+    """A profile's conditions and headline numbers as one flat row (listing, `profile --json`)."""
+    return {"path": str(path) if path else None, "hardware": p.hardware.get("name"), "machine": p.hardware.get("key"),
+            "device": p.hardware.get("device"), "threads": p.hardware.get("threads"),
+            "shape": p.shape.get("key"), "mode": p.mode, "batch": p.batch_size, "seq": p.seq_len,
+            "dtype": p.dtype, "dense_ms": p.base["median"] * 1e3, "constant_ms": p.constant * 1e3,
+            "max_speedup": p.max_speedup(), "check_max_err": p.fit.get("max_rel_error") if p.fit else None,
+            "torch": p.hardware.get("torch"), "created": p.created}
+
+
 def list_profiles(root="profiles") -> list[dict]:
     """One row per stored profile under `root`: its conditions and how well it predicted its own check.
     Files that are not readable profiles are listed with the reason instead of failing the listing."""
@@ -40,13 +50,14 @@ def list_profiles(root="profiles") -> list[dict]:
         except PlannerError as e:
             rows.append({"path": str(path), "error": str(e).splitlines()[0]})
             continue
-        rows.append({"path": str(path), "hardware": p.hardware.get("name"), "machine": p.hardware.get("key"),
-                     "device": p.hardware.get("device"), "threads": p.hardware.get("threads"),
-                     "shape": p.shape.get("key"), "mode": p.mode, "batch": p.batch_size, "seq": p.seq_len,
-                     "dtype": p.dtype, "dense_ms": p.base["median"] * 1e3, "max_speedup": p.max_speedup(),
-                     "check_max_err": p.fit.get("max_rel_error") if p.fit else None,
-                     "torch": p.hardware.get("torch"), "created": p.created})
+        rows.append(profile_summary(p, path))
     return rows
+
+
+def report(run_dir, out_dir=None) -> Path:
+    """Render a run's profile, plans and verify reports as an HTML page with PNG plots; returns index.html."""
+    from . import report as _report
+    return _report.write(run_dir, out_dir)
 
 
 def calibration_batches(model_path, calib_path, n, max_len, batch_size):
@@ -133,7 +144,7 @@ def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), prof
     dense, adapter = (dense_model, None) if dense_model is not None else load_model(dense_path, device=cfg.device)
     comp, adapter = load_model(compressed_path, device=cfg.device)
     sp = measure_speedup(dense, comp, adapter.shape(comp).vocab, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup,
-                         cfg.device)
+                         cfg.device, progress=progress)
     cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device)
     predicted = None
     if profile_path:
@@ -151,8 +162,8 @@ def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), prof
             predicted = rec.get("predicted_speedup")
     texts = data.sample(data.read_lines(cfg.text_path, data.HELDOUT, "held-out text file"), cfg.n_text, seed=1)
     tok = load_tokenizer(compressed_path)
-    ed = embeddings(dense, adapter, tok, texts, device=cfg.device)
-    ec = embeddings(comp, adapter, tok, texts, device=cfg.device)
+    ed = embeddings(dense, adapter, tok, texts, device=cfg.device, progress=progress, desc="verify: dense quality")
+    ec = embeddings(comp, adapter, tok, texts, device=cfg.device, progress=progress, desc="verify: compressed quality")
     q = similarity_quality(ed, ec)
     q["n_text"] = len(texts)
     rep = VerifyReport(dense=str(dense_path), compressed=str(compressed_path), conditions=cond,
@@ -161,7 +172,8 @@ def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), prof
                        prediction_ratio=(predicted / sp["speedup"]) if predicted else None,
                        quality=q | {"speedup_spread": sp["speedup_spread"]},
                        sizes={"dense_params": n_params(dense), "compressed_params": n_params(comp)},
-                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       plan=dict(getattr(comp.config, "planner", None) or {}))
     if out:
         rep.save(out)
     return rep

@@ -13,12 +13,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from tqdm.auto import tqdm
 
 from . import obs
 from .calibration import BlockInputs, capture_block_inputs, run_block
 from .database import Database
 from .errors import PlannerError
+from .progress import bar as progress_bar
 from .types import KINDS, Plan
 
 
@@ -59,7 +59,7 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
     _check_plan(model, adapter, plan)
     blocks = adapter.layers(model)
     if weights != "sequential":
-        for i in tqdm(range(len(blocks)), desc="apply", disable=not progress, unit="block"):
+        for i in progress_bar(range(len(blocks)), desc="apply", progress=progress, unit="block"):
             for kind in KINDS:
                 def fit(lin, cols, i=i, kind=kind):
                     if weights != "obs":
@@ -74,7 +74,7 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
     dev = next(model.parameters()).device
     d_in = capture_block_inputs(dense, adapter.layers(dense), batches, dev)
     c_in = BlockInputs(list(d_in.hidden), d_in.args, d_in.kwargs, d_in.masks)
-    for i in tqdm(range(len(blocks)), desc="apply (sequential)", disable=not progress, unit="block"):
+    for i in progress_bar(range(len(blocks)), desc="apply (sequential)", progress=progress, unit="block"):
         dblock, cblock = adapter.layers(dense)[i], blocks[i]
         for kind in KINDS:
             def fit(lin, cols, kind=kind):

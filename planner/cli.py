@@ -78,14 +78,18 @@ def _profile_cfg(kw) -> ProfileConfig:
 @_profile_opts
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="profile JSON (default: profiles/<hardware>/<shape>/prefill-b<B>-s<T>-<dtype>.json)")
-@click.option("--quiet", "-q", is_flag=True)
-def profile(model, out, quiet, **kw):
+@click.option("--json", "as_json", is_flag=True, help="print the profile's summary row as JSON")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+def profile(model, out, as_json, quiet, **kw):
     """Time the dense model and every prunable module at every kept width on this machine.
 
     Example: planner profile ./my-bert --batch-size 8 --seq-len 128 --threads 2
     """
     from . import api
     p, path = api.profile(model, _profile_cfg(kw), out=out, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(api.profile_summary(p, path), indent=2, sort_keys=True))
+        return
     click.echo(f"{path}: dense {p.base['median']*1e3:.2f} ms, non-prunable {p.constant*1e3:.2f} ms, "
                f"largest reachable speedup {p.max_speedup():.1f}x ({p.conditions})")
 
@@ -147,7 +151,7 @@ def _plan_cfg(targets, kw, device="cpu") -> PlanConfig:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="where OBS runs")
 @_plan_opts
 @click.option("--json", "as_json", is_flag=True, help="print the plans as JSON")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def plan(model, profile_path, targets, out, device, as_json, quiet, **kw):
     """Build the OBS database and solve for every speedup target in one DP.
 
@@ -170,7 +174,7 @@ def plan(model, profile_path, targets, out, device, as_json, quiet, **kw):
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="calibration text (default: the plan's)")
 @click.option("--weights", type=click.Choice(["sequential", "obs", "none"]), default=None,
               help="how kept weights are fitted (default: as planned)")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def apply(model, plan_path, out, calib, weights, quiet):
     """Stitch the OBS-corrected weights, shrink the modules and save a portable Hugging Face directory.
 
@@ -194,8 +198,9 @@ def apply(model, plan_path, out, calib, weights, quiet):
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
               help="predict the speedup from this profile (default: the plan recorded in the model)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the report JSON here")
-@click.option("--json", "as_json", is_flag=True)
-def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_path, out, as_json):
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_path, out, as_json, quiet):
     """Measure speedup (interleaved with the dense model) and quality kept on held-out text.
 
     Example: planner verify ./my-bert my-bert-2x/ --batch-size 8 --seq-len 128
@@ -203,7 +208,7 @@ def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_
     from . import api
     cfg = VerifyConfig(batch_size=batch_size, seq_len=seq_len, threads=threads, reps=reps,
                        text_path=str(text) if text else None)
-    rep = api.verify(dense, compressed, cfg, profile_path=profile_path, out=out)
+    rep = api.verify(dense, compressed, cfg, profile_path=profile_path, out=out, progress=not quiet)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2, sort_keys=True))
         return
@@ -223,7 +228,7 @@ def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_
 @_profile_opts
 @_plan_opts
 @click.option("--no-baseline", is_flag=True, help="skip the uniform magnitude baseline")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars or step messages; only the results table")
 def run(model, targets, out, no_baseline, quiet, **kw):
     """The whole job: profile → plan → apply → verify (+ magnitude baseline), then a results table.
 
@@ -237,6 +242,28 @@ def run(model, targets, out, no_baseline, quiet, **kw):
     cfg = RunConfig(targets=tuple(targets), profile=pcfg, plan=_plan_cfg(targets, kw, kw["device"]),
                     baseline=not no_baseline)
     run_job(model, out, cfg, quiet=quiet)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="output directory for index.html and the PNG plots (default: RUN_DIR/report)")
+@click.option("--json", "as_json", is_flag=True, help="print what was written as JSON")
+def report(run_dir, out, as_json):
+    """Render a run's profile, plans and verify reports as an HTML page with PNG plots.
+
+    Reads every latency profile, plan and verify report under RUN_DIR (the --out of `planner run`, or of
+    `planner plan` with verify reports saved beside it).
+
+    Example: planner report runs/minilm --out runs/minilm/report
+    """
+    from . import api
+    path = api.report(run_dir, out)
+    if as_json:
+        click.echo(json.dumps({"index": str(path), "files": sorted(str(p) for p in path.parent.iterdir())},
+                              indent=2))
+        return
+    click.echo(f"report written to {path} (open it in a browser)")
 
 
 if __name__ == "__main__":

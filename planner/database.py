@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from . import io, obs
 from .calibration import BlockInputs, capture_block_inputs, run_block
 from .errors import PlannerError
+from .progress import bar as progress_bar
 from .types import KINDS
 
 SCHEMA_VERSION = 1
@@ -163,7 +163,7 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
     val = capture_block_inputs(model, blocks, val_b, next(model.parameters()).device) if val_b is not train_b else train
     if train.n_tokens == 0:
         raise PlannerError("calibration data has no tokens: give a text file with at least a few passages")
-    bar = tqdm(total=len(blocks), desc="OBS database", disable=not progress, unit="block")
+    bar = progress_bar(total=len(blocks), desc="OBS database", progress=progress, unit="block")
     for i, block in enumerate(blocks):
         if i in done:                                               # resume: only push activations through
             new_val = run_block(block, val) if val is not train else None

@@ -1,4 +1,5 @@
-"""The main job: profile → plan (several targets) → apply → verify, with a magnitude baseline per target.
+"""The main job: profile → plan (several targets) → apply → verify, with a magnitude baseline per target,
+then a results table and an HTML report (RUN/report/index.html).
 
 Every step writes into one run directory and is skipped when its output is already there, so an
 interrupted run resumes where it stopped.
@@ -86,7 +87,8 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         else:
             vc = VerifyConfig(**{**cfg.verify.__dict__, "batch_size": pc.batch_size, "seq_len": pc.seq_len,
                                  "threads": pc.threads})
-            rep = api.verify(model_path, mdir, vc, profile_path=prof_path, out=rpath, dense_model=dense)
+            rep = api.verify(model_path, mdir, vc, profile_path=prof_path, out=rpath, dense_model=dense,
+                             progress=progress)
         rows.append({"method": p.method, "target": p.target_speedup, "predicted": rep.predicted_speedup,
                      "measured": rep.measured_speedup, "pred/meas-1": rep.prediction_ratio - 1,
                      "cosine": rep.quality["cosine"], "spearman": rep.quality["spearman"],
@@ -97,6 +99,8 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         tmp.write_text(table + "\n")
     io.write_json(out / "results.json", {"conditions": prof.conditions, "rows": rows})
     print(table)
+    index = api.report(out, out / "report")
+    _log(f"report: {index}", quiet)
     return df
 
 

@@ -82,6 +82,8 @@ def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=
         k = int(round(frac * H))
         w = min(F.widths, key=lambda x: abs(x - frac * D))
         pred = prof.constant + n_layers * (A.time_at(k) + F.time_at(w))
+        if pred <= 0:                     # everything removed and no constant left: not a model
+            continue
         if prof.base["median"] / pred >= target:
             best = (k, w, pred)
             break

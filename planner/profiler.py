@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from . import hardware, latency
 from .adapters import get_adapter
@@ -32,6 +31,7 @@ from .config import ProfileConfig
 from .data import latency_inputs
 from .errors import PlannerError
 from .models import _config_dict
+from .progress import bar as progress_bar
 from .timing import median, spread, time_calls
 from .types import KINDS, LatencyProfile
 
@@ -190,7 +190,7 @@ def _time_variants(model, adapter, x, variants: dict, cfg, progress, desc="profi
     bases = []
     fd = _forward(model, x)
     time_calls(fd, 0, max(cfg.warmup, 1), cfg.device)
-    bar = tqdm(total=cfg.rounds * len(keys), desc=desc, disable=not progress, unit="variant")
+    bar = progress_bar(total=cfg.rounds * len(keys), desc=desc, progress=progress, unit="variant")
     for r in range(cfg.rounds):
         order = keys[:]
         random.Random(r).shuffle(order)
@@ -249,7 +249,7 @@ def _profile_modules(model, adapter, x, grids, cfg, progress):
     hidden, rest, kw = captured["a"][0], captured["a"][1:], captured["kw"]
     base_times = time_calls(_forward(model, x), cfg.reps * cfg.rounds, cfg.warmup, cfg.device)
     mods = {}
-    bar = tqdm(total=sum(len(g) for g in grids.values()), desc="profile", disable=not progress, unit="option")
+    bar = progress_bar(total=sum(len(g) for g in grids.values()), desc="profile", progress=progress, unit="option")
     for k in KINDS:
         med, spr = [], []
         for w in grids[k]:

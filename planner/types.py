@@ -165,3 +165,4 @@ class VerifyReport(_JSON):
     quality: dict               # metric -> value (held-out text)
     sizes: dict                 # parameter counts
     created: str
+    plan: dict = field(default_factory=dict)   # the compressed model's planner record: method, target_speedup...

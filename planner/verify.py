@@ -18,17 +18,18 @@ from scipy.stats import spearmanr
 from . import hardware
 from .data import batches as make_batches
 from .data import latency_inputs
+from .progress import bar as progress_bar
 from .timing import median, spread, time_calls
 
 
 def measure_speedup(dense, comp, vocab: int, batch_size: int, seq_len: int, reps: int = 15, warmup: int = 3,
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu", progress: bool = False) -> dict:
     x = latency_inputs(vocab, batch_size, seq_len, device)
     fd, fc = (lambda: dense(**x)), (lambda: comp(**x))
     time_calls(fd, 1, warmup, device)
     time_calls(fc, 1, warmup, device)
     td, tc = [], []
-    for r in range(reps):
+    for r in progress_bar(range(reps), desc="verify: timing", unit="pair", progress=progress):
         pair = [(fd, td), (fc, tc)] if r % 2 == 0 else [(fc, tc), (fd, td)]
         for fn, acc in pair:
             acc.extend(time_calls(fn, 1, 0, device))
@@ -38,9 +39,11 @@ def measure_speedup(dense, comp, vocab: int, batch_size: int, seq_len: int, reps
 
 
 @torch.no_grad()
-def embeddings(model, adapter, tokenizer, texts, batch_size=32, max_len=128, device="cpu") -> torch.Tensor:
+def embeddings(model, adapter, tokenizer, texts, batch_size=32, max_len=128, device="cpu", progress: bool = False,
+               desc: str = "embeddings") -> torch.Tensor:
     out = torch.empty(len(texts), model.config.hidden_size)
-    for b in make_batches(tokenizer, texts, batch_size, max_len):
+    for b in progress_bar(make_batches(tokenizer, texts, batch_size, max_len), desc=desc, unit="batch",
+                          progress=progress):
         e = adapter.embed(model, b["input_ids"].to(device), b["attention_mask"].to(device))
         out[b["index"]] = e.float().cpu()
     return out                                                       # (N, d), rows L2-normalised

@@ -69,6 +69,14 @@ def test_uniform_plan_meets_target():
     assert len({(l["heads"], l["ffn"]) for l in u.layers}) == 1
 
 
+def test_uniform_plan_never_removes_everything():
+    # constant 0: removing every module would "predict" zero time; that is unreachable, not a division by zero
+    p = _profile(constant=0.0)
+    assert uniform_plan(p, 4.0, 2).predicted_speedup >= 4.0
+    with pytest.raises(PlannerError, match="not reachable by uniform pruning"):
+        uniform_plan(p, 1e6, 2)
+
+
 def test_model_curve_is_the_solvers_view():
     p = _profile(modules={"attn": {"widths": [0, 1, 2], "median": [0, 3.0, 2.0], "spread": [0] * 3,
                                    "model": [0, 2.4, 2.5]},
