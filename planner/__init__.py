@@ -5,12 +5,13 @@
     apply(model, plan, out)                 stitch corrected weights, shrink, save a portable HF directory
     verify(dense, compressed)               measured vs predicted speedup, quality on held-out text
     load(dir)                               load a compressed checkpoint
+    report(run_dir)                         HTML page with plots of a run's profile, plans and verify reports
 """
-from .api import apply, build_database, load, plan, profile, verify
+from .api import apply, build_database, load, plan, profile, report, verify
 from .config import PlanConfig, ProfileConfig, VerifyConfig
 from .errors import PlannerError
 from .types import LatencyProfile, Plan, VerifyReport
 
-__all__ = ["profile", "plan", "apply", "verify", "load", "build_database", "ProfileConfig", "PlanConfig",
+__all__ = ["profile", "plan", "apply", "verify", "load", "report", "build_database", "ProfileConfig", "PlanConfig",
            "VerifyConfig", "LatencyProfile", "Plan", "VerifyReport", "PlannerError"]
 __version__ = "0.1.0"

@@ -56,8 +56,8 @@ def list_profiles(root="profiles") -> list[dict]:
 
 def report(run_dir, out_dir=None) -> Path:
     """Render a run's profile, plans and verify reports as an HTML page with PNG plots; returns index.html."""
-    from . import report as _report
-    return _report.write(run_dir, out_dir)
+    from .reporting import write
+    return write(run_dir, out_dir)
 
 
 def calibration_batches(model_path, calib_path, n, max_len, batch_size):

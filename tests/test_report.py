@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
 
-from planner import plots, progress, report
+from planner import plots, progress
+from planner import reporting as report
 from planner.cli import main
 from planner.errors import PlannerError
 from planner.types import LatencyProfile, Plan, VerifyReport
