@@ -27,8 +27,10 @@ def make_tiny(path: Path, model_type: str = "bert", hidden=64, layers=2, heads=4
               arch: str | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     vocab = _vocab()
+    vocab = list(dict.fromkeys(vocab))                           # one id per piece
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    # transformers 5 ignores vocab_file here (every word became [UNK]): pass the pieces themselves
+    tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     tok.save_pretrained(str(path))
     kw = dict(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
               intermediate_size=ffn, max_position_embeddings=160, pad_token_id=0)
