@@ -6,6 +6,8 @@
     verify(dense, compressed)               measured vs predicted speedup, quality on held-out text
     load(dir)                               load a compressed checkpoint
     report(run_dir)                         HTML page with plots of a run's profile, plans and verify reports
+    recover(compressed, teacher, cfg, out)  distil a compressed model from its dense teacher (resumable)
+    compress(model, profile, out, cfg)      gradual mode: a recovered model per target, each from the last
 """
 from .api import apply, build_database, load, plan, profile, report, verify
 from .config import PlanConfig, ProfileConfig, VerifyConfig
@@ -14,4 +16,9 @@ from .types import LatencyProfile, Plan, VerifyReport
 
 __all__ = ["profile", "plan", "apply", "verify", "load", "report", "build_database", "ProfileConfig", "PlanConfig",
            "VerifyConfig", "LatencyProfile", "Plan", "VerifyReport", "PlannerError"]
+from .api import apply_recover, compress, recover  # noqa: E402
+from .config import RecoverConfig  # noqa: E402
+from .types import RecoverReport  # noqa: E402
+
+__all__ += ["recover", "apply_recover", "compress", "RecoverConfig", "RecoverReport"]
 __version__ = "0.1.0"

@@ -177,3 +177,155 @@ def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), prof
     if out:
         rep.save(out)
     return rep
+
+
+# ------------------------------------------------------------------------------- recovery and gradual mode
+
+def _training_text(tokenizer, cfg, vocab_size: int):
+    """(passage token ids without special tokens, labels or None, special ids, vocabulary pool, text hash)."""
+    import re
+
+    import numpy as np
+
+    from .distill import Special
+    if cfg.data_path and Path(cfg.data_path).resolve() == data.shipped(data.HELDOUT).resolve():
+        raise PlannerError("the training text is the shipped held-out text that verify scores on: "
+                           "train on other text (default: the calibration corpus)")
+    lines = data.read_lines(cfg.data_path, data.CALIBRATION, "training text file")
+    labels = None
+    if cfg.task_weight:
+        parts = [l.rsplit("\t", 1) for l in lines]
+        if not all(len(p) == 2 and p[1].strip().lstrip("-").isdigit() for p in parts):
+            raise PlannerError("--task-weight needs labelled data: every line 'text<TAB>integer label'")
+        lines, labels = [p[0] for p in parts], [int(p[1]) for p in parts]
+    enc = tokenizer(lines, add_special_tokens=False, truncation=True, max_length=cfg.max_len - 2)["input_ids"]
+    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cls is None or sep is None:
+        raise PlannerError("the tokenizer has no [CLS]/<s> and [SEP]/</s> tokens: cannot build training sequences")
+    special = set(tokenizer.all_special_ids)
+    # substitution pool: real pieces only (no special, [unused] or <...> placeholders), ids the model embeds
+    pool = np.array(sorted(i for t, i in tokenizer.get_vocab().items()
+                           if i < vocab_size and i not in special and not re.fullmatch(r"\[.*\]|<.*>", t)))
+    return enc, labels, Special(cls, sep, pad), pool, io.sha256_text(*lines, *map(str, labels or []))
+
+
+def _check_pair(student, teacher, adapter, t_adapter):
+    s_shape, t_shape = adapter.shape(student), t_adapter.shape(teacher)
+    if s_shape.family != t_shape.family:
+        raise PlannerError(f"student is a {s_shape.family} model, the teacher a {t_shape.family}: distil a compressed "
+                           f"model from the dense model it was made from")
+    for what, a, b in (("hidden size", s_shape.hidden, t_shape.hidden), ("layer count", s_shape.n_layers,
+                       len(t_adapter.layers(teacher))), ("vocabulary", s_shape.vocab, t_shape.vocab)):
+        if a != b:
+            raise PlannerError(f"student and teacher differ in {what} ({a} vs {b}): distil a compressed model from "
+                               f"the dense model it was made from")
+    if len(adapter.layers(student)) != len(t_adapter.layers(teacher)):
+        raise PlannerError("student and teacher differ in layer count: distil a compressed model from its dense model")
+    sk, tk = adapter.head_kind(student), t_adapter.head_kind(teacher)
+    if sk != tk:
+        raise PlannerError(f"student and teacher have different heads ({type(student).__name__} vs "
+                           f"{type(teacher).__name__}): load both with the same head")
+
+
+def recover(compressed_path, teacher_path, cfg=None, out=None, progress=True, callback=None):
+    """Distil the compressed model at `compressed_path` from the dense `teacher_path`; write the recovered model
+    to `out` (a portable HF directory like `apply` writes, with `recover.json`). Returns a RecoverReport.
+
+    Resumable: a checkpoint lives in `<out>.ckpt/` while training; rerunning the same call resumes from it,
+    and a finished run (same models, data and settings) is returned without training again.
+    """
+    import shutil
+    import time
+
+    from .config import RecoverConfig
+    from .distill import DistillData, distill_, pad, split_passages
+    from .types import RecoverReport
+    cfg = cfg or RecoverConfig()
+    t_start = time.perf_counter()
+    if out is None:
+        raise PlannerError("give an output directory (--out)")
+    compressed_path, teacher_path, out = Path(compressed_path), Path(teacher_path), Path(out)
+    if out.resolve() in (compressed_path.resolve(), teacher_path.resolve()):
+        raise PlannerError("--out must be a new directory, not the compressed or the teacher model")
+    hardware.set_threads(cfg.threads)
+    student, adapter = load_model(compressed_path, device=cfg.device)
+    teacher, t_adapter = load_model(teacher_path, device=cfg.device)
+    _check_pair(student, teacher, adapter, t_adapter)
+    tok = load_tokenizer(compressed_path)
+    ids, labels, special, pool, data_hash = _training_text(tok, cfg, adapter.shape(student).vocab)
+    if cfg.task_weight and adapter.head_kind(student) != "sequence":
+        raise PlannerError("--task-weight needs a sequence-classification head on the models")
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "ckpt_every", "device")}
+    identity = {"student": fingerprint(compressed_path), "teacher": fingerprint(teacher_path), "data": data_hash,
+                "config": settings}
+    if (out / "recover.json").exists() and (out / "config.json").exists():
+        try:
+            done = RecoverReport.load(out / "recover.json")
+        except PlannerError:
+            done = None
+        if done is not None and done.identity == identity:
+            return done                                              # finished before: not redone
+    tr, va = split_passages(len(ids), cfg.val_fraction, cfg.seed)
+    train = DistillData([ids[i] for i in tr], special, pool, cfg.batch_size, cfg.max_len, cfg.concat, cfg.substitute,
+                        cfg.seed, [labels[i] for i in tr] if labels else None)
+    val_ids = sorted(va, key=lambda i: len(ids[i]))                  # length-sorted: little padding
+    val = [pad([[special.cls, *ids[i], special.sep] for i in val_ids[s:s + cfg.batch_size]], special.pad,
+               [labels[i] for i in val_ids[s:s + cfg.batch_size]] if labels else None)
+           for s in range(0, len(val_ids), cfg.batch_size)]
+    spec = [s.to_dict() for s in adapter.spec(student)]
+    ckpt = out.with_name(out.name + ".ckpt")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    res = distill_(student, teacher, adapter, train, val, cfg, ckpt, identity, progress, callback)
+    if [s.to_dict() for s in adapter.spec(student)] != spec:        # recovery only moves weights
+        raise RuntimeError("recovery changed the architecture")     # pragma: no cover (a bug, not bad input)
+    hist = res["history"]
+    after = next(h for h in hist if h["step"] == res["best_step"])
+    rec = dict(getattr(student.config, "planner", None) or {})
+    rec["recover"] = {"teacher": {"path": str(teacher_path), "fingerprint": identity["teacher"]},
+                      "student": {"path": str(compressed_path), "fingerprint": identity["student"]},
+                      "steps": res["steps"], "train_time": res["train_time"], "stop": res["stop"],
+                      "before": {k: v for k, v in hist[0].items() if k.startswith("val_")},
+                      "after": {k: v for k, v in after.items() if k.startswith("val_")}}
+    save_portable(student, adapter, compressed_path, out, {"planner": rec})
+    report = RecoverReport(
+        student=str(compressed_path), teacher=str(teacher_path), out=str(out), identity=identity,
+        config=cfg.to_dict(), conditions=hardware.describe(cfg.device), steps=res["steps"],
+        total_steps=res["total_steps"], stop=res["stop"], best_step=res["best_step"], train_time=res["train_time"],
+        wall_time=time.perf_counter() - t_start, epochs=res["epochs"],
+        data={"path": cfg.data_path, "hash": data_hash, "n_train": len(tr), "n_val": len(va)},
+        before=rec["recover"]["before"], after=rec["recover"]["after"], history=hist, spec=spec,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    report.save(out / "recover.json")
+    shutil.rmtree(ckpt, ignore_errors=True)                         # finished: the resume point is not needed
+    return report
+
+
+def apply_recover(model_path, plan_path_or_plan, out, recover_cfg=None, calib_path=None, weights=None,
+                  progress=True):
+    """`apply` then `recover` from `model_path` as the teacher: the one-shot model is kept in `<out>.ckpt/oneshot`
+    while recovery runs (resumable like `recover`) and removed with the checkpoint at the end."""
+    from .config import RecoverConfig
+    from .types import RecoverReport
+    out, recover_cfg = Path(out), recover_cfg or RecoverConfig()
+    oneshot = out.with_name(out.name + ".ckpt") / "oneshot"
+    if (out / "recover.json").exists() and not oneshot.exists():     # finished before (the one-shot is gone)
+        try:
+            done = RecoverReport.load(out / "recover.json")
+        except PlannerError:
+            done = None
+        if done and done.student == str(oneshot) and done.config == recover_cfg.to_dict() and \
+                done.identity.get("teacher") == fingerprint(model_path):
+            return done
+    if not (oneshot / "config.json").exists():
+        apply(model_path, plan_path_or_plan, oneshot, calib_path=calib_path, weights=weights, progress=progress)
+    return recover(oneshot, model_path, recover_cfg, out=out, progress=progress)
+
+
+def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig, recover_cfg=None, verify_cfg=None,
+             progress=True):
+    """Gradual compression: one member per target, each planned, applied and recovered from the previous one
+    (see planner/gradual.py). Returns the family table."""
+    from .gradual import compress as _compress
+    return _compress(model_path, profile_path, out_dir, plan_cfg, recover_cfg, verify_cfg, progress)

@@ -143,6 +143,64 @@ def _plan_cfg(targets, kw, device="cpu") -> PlanConfig:
                       sequential=kw["sequential"], allow_other_machine=kw["allow_other_machine"], device=device)
 
 
+def _recover_opts(prefix: str = "", full: bool = True):
+    """RecoverConfig options; with a prefix (apply --recover, compress) only the common ones."""
+    from .config import RecoverConfig as R
+    p = f"--{prefix}" if prefix else "--"
+    opts = [
+        click.option(f"{p}data", f"{prefix.replace('-', '_')}data", type=click.Path(path_type=Path), default=None,
+                     help="training text, one passage per line (default: the shipped calibration corpus)"),
+        click.option(f"{p}minutes", f"{prefix.replace('-', '_')}minutes", type=float, default=None,
+                     help=f"training-time budget; sets the number of steps (default: {R.minutes:g}, none with "
+                          f"{p}steps)"),
+        click.option(f"{p}steps", f"{prefix.replace('-', '_')}steps", type=int, default=None,
+                     help="a fixed number of optimizer steps instead of the time budget"),
+        click.option(f"{p}lr", f"{prefix.replace('-', '_')}lr", type=float, default=R.lr, show_default=True,
+                     help="AdamW peak learning rate"),
+        click.option(f"{p}seed", f"{prefix.replace('-', '_')}seed", type=int, default=R.seed, show_default=True),
+    ]
+    if full:
+        opts += [
+            click.option("--batch-size", "-b", default=R.batch_size, show_default=True, help="passages per micro-batch"),
+            click.option("--grad-accum", default=R.grad_accum, show_default=True, help="micro-batches per step"),
+            click.option("--hidden-weight", default=R.hidden_weight, show_default=True,
+                         help="token-level MSE of every block's output"),
+            click.option("--logit-weight", default=R.logit_weight, show_default=True,
+                         help="KL of the head's logits (models with a head)"),
+            click.option("--embed-weight", default=R.embed_weight, show_default=True,
+                         help="in-batch similarity KL + cosine of sentence embeddings (bare encoders)"),
+            click.option("--task-weight", default=R.task_weight, show_default=True,
+                         help="cross-entropy on labels ('text<TAB>label' data; classification heads)"),
+            click.option("--concat", default=R.concat, show_default=True,
+                         help="share of training sequences made of two passages"),
+            click.option("--substitute", default=R.substitute, show_default=True,
+                         help="share of tokens replaced by random vocabulary pieces"),
+            click.option("--eval-every", default=R.eval_every, show_default=True, help="steps between evaluations"),
+            click.option("--patience", default=R.patience, show_default=True,
+                         help="evaluations without improvement before stopping early (0: never)"),
+            click.option("--ckpt-every", default=R.ckpt_every, show_default=True, help="steps between checkpoints"),
+            click.option("--device", type=click.Choice(["cpu", "cuda"]), default=R.device, show_default=True),
+            click.option("--threads", type=int, default=None, help="CPU threads (default: all available)"),
+        ]
+
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _recover_cfg(kw, prefix: str = ""):
+    from .config import RecoverConfig
+    g = lambda k: kw[f"{prefix.replace('-', '_')}{k}"]          # noqa: E731
+    extra = {k: kw[k] for k in ("batch_size", "grad_accum", "hidden_weight", "logit_weight", "embed_weight",
+                                "task_weight", "concat", "substitute", "eval_every", "patience", "ckpt_every",
+                                "device", "threads") if k in kw and not prefix}
+    minutes = g("minutes") if g("minutes") is not None else (None if g("steps") else RecoverConfig.minutes)
+    return RecoverConfig(data_path=str(g("data")) if g("data") else None, minutes=minutes, steps=g("steps"),
+                         lr=g("lr"), seed=g("seed"), **extra)
+
+
 @main.command()
 @_model_arg
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path), required=True)
@@ -175,12 +233,22 @@ def plan(model, profile_path, targets, out, device, as_json, quiet, **kw):
 @click.option("--weights", type=click.Choice(["sequential", "obs", "none"]), default=None,
               help="how kept weights are fitted (default: as planned)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
-def apply(model, plan_path, out, calib, weights, quiet):
+@click.option("--recover", "recover_", is_flag=True, help="then distil it from MODEL (see `planner recover`)")
+@_recover_opts("recover-", full=False)
+def apply(model, plan_path, out, calib, weights, quiet, recover_, **kw):
     """Stitch the OBS-corrected weights, shrink the modules and save a portable Hugging Face directory.
 
-    Example: planner apply ./my-bert run/plan-2x.json --out my-bert-2x/
+    With --recover, the result is then distilled from MODEL before it is written (resumable like `recover`).
+
+    Example: planner apply ./my-bert run/plan-2x.json --out my-bert-2x/ [--recover --recover-minutes 10]
     """
     from . import api
+    if recover_:
+        rep = api.apply_recover(model, plan_path, out, _recover_cfg(kw, "recover-"), calib_path=calib,
+                                weights=weights, progress=not quiet)
+        click.echo(_recover_summary(rep))
+        click.echo(f"load with AutoModel.from_pretrained('{out}', trust_remote_code=True) or planner.load('{out}')")
+        return
     path, m = api.apply(model, plan_path, out, calib_path=calib, weights=weights, progress=not quiet)
     from .models import n_params
     click.echo(f"{path}: {n_params(m)/1e6:.1f}M parameters; load with "
@@ -264,6 +332,68 @@ def report(run_dir, out, as_json):
                               indent=2))
         return
     click.echo(f"report written to {path} (open it in a browser)")
+
+
+
+# ------------------------------------------------------------------------- recovery and gradual compression
+
+def _recover_summary(rep) -> str:
+    def q(d):
+        if "val_spearman" in d:
+            return f"spearman {d['val_spearman']:.3f}, nn_agree {d['val_nn_agree']:.3f}, loss {d['val_total']:.4f}"
+        return f"loss {d['val_total']:.4f}"
+    return (f"{rep.out}: {rep.steps} steps ({rep.epochs:.1f} epochs) in {rep.train_time/60:.1f} min, stopped by "
+            f"{rep.stop}; held-back passages: one-shot {q(rep.before)} -> recovered {q(rep.after)}")
+
+
+@main.command()
+@click.argument("compressed", type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), required=True, help="the dense model it was made from")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="output model directory")
+@_recover_opts()
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+def recover(compressed, teacher, out, quiet, **kw):
+    """Distil a compressed model from its dense teacher (token-level + head/embedding KD).
+
+    Writes the same portable directory as `apply`, plus recover.json. A checkpoint in OUT.ckpt/ lets an
+    interrupted run resume: rerun the same command. A finished run is not redone.
+
+    Example: planner recover my-bert-2x/ --teacher ./my-bert --data my_text.txt --minutes 10 --out my-bert-2x-rec/
+    """
+    from . import api
+    rep = api.recover(compressed, teacher, _recover_cfg(kw), out=out, progress=not quiet)
+    click.echo(_recover_summary(rep))
+
+
+@main.command()
+@_model_arg
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), required=True)
+@click.option("--speedup", "-x", "targets", type=float, multiple=True, required=True,
+              help="target over the dense model; repeat for several (run in increasing order)")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="directory for the whole family")
+@_plan_opts
+@click.option("--no-recover", is_flag=True, help="no distillation between steps")
+@_recover_opts("recover-", full=False)
+@click.option("--reps", default=VerifyConfig.reps, show_default=True, help="interleaved timing pairs in verify")
+@click.option("--quiet", "-q", is_flag=True)
+def compress(model, profile_path, targets, out, no_recover, reps, quiet, **kw):
+    """Gradual compression: a family of models, one per target, each planned, applied and recovered from the
+    previous one (the OBS database is rebuilt on the current model; the profile is the dense model's).
+
+    Every member is verified against the dense model; the table goes to OUT/family.md. Rerunning resumes.
+
+    Example: planner compress ./my-bert --profile P.json -x 1.5 -x 2 -x 3 --recover-minutes 10 --out family/
+    """
+    from . import api
+    from .gradual import format_family
+    from .types import LatencyProfile
+    prof = LatencyProfile.load(profile_path)
+    rcfg = None if no_recover else _recover_cfg(kw, "recover-")
+    vcfg = VerifyConfig(batch_size=prof.batch_size, seq_len=prof.seq_len, threads=prof.hardware.get("threads"),
+                        reps=reps)
+    df = api.compress(model, profile_path, out, _plan_cfg(targets, kw), rcfg, vcfg, progress=not quiet)
+    click.echo(format_family(df, prof))
+    click.echo(f"family written to {out}/models/; table in {out}/family.md")
 
 
 if __name__ == "__main__":

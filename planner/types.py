@@ -166,3 +166,29 @@ class VerifyReport(_JSON):
     sizes: dict                 # parameter counts
     created: str
     plan: dict = field(default_factory=dict)   # the compressed model's planner record: method, target_speedup...
+
+
+@dataclass(frozen=True)
+class RecoverReport(_JSON):
+    """One distillation run: what was trained from what, how long, and the held-back evaluations."""
+    KIND = "RecoverReport"
+    student: str                # the compressed model it started from
+    teacher: str                # the dense model it was distilled from
+    out: str                    # the recovered model directory
+    identity: dict              # fingerprints of student, teacher, data and the settings: a rerun with the same
+                                # identity is not redone
+    config: dict                # RecoverConfig as dict
+    conditions: dict            # machine, threads, versions
+    steps: int                  # optimizer steps done
+    total_steps: int            # steps the schedule was made for
+    stop: str                   # "schedule", "early-stop" or "time-budget"
+    best_step: int              # step whose weights were kept (the best held-back evaluation)
+    train_time: float           # seconds of training and evaluation (not loading, saving, checkpoints)
+    wall_time: float            # seconds of the whole call, this session (a resumed run counts its last part)
+    epochs: float               # passes over the training passages
+    data: dict                  # path, hash, n_train, n_val passages
+    before: dict                # held-back evaluation of the one-shot student (step 0)
+    after: dict                 # held-back evaluation of the kept weights
+    history: list               # every evaluation: step, elapsed, lr, running train losses, val losses/metrics
+    spec: list                  # per-layer kept heads / FFN width (the same before and after)
+    created: str

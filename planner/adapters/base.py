@@ -54,6 +54,16 @@ class Adapter:
     def embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def distill_outputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """What distillation compares: {"hidden": every block's output, L x (B, T, d);
+        "logits": the head's output or None for a bare encoder; "head": "sequence" (B, C), "token" (B, T, C) or None;
+        "embedding": the pooled sentence embedding (B, d), L2-normalised, for a bare encoder (else None)}."""
+        raise NotImplementedError
+
+    def embedding_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters of the input embeddings (never pruned; recovery may keep them frozen)."""
+        raise NotImplementedError
+
     def save_config_(self, model: nn.Module) -> None:
         """Record the per-layer shapes and the remote-code entry points in model.config."""
         raise NotImplementedError

@@ -124,10 +124,33 @@ class BertAdapter(Adapter):
     def embed(self, model, input_ids, attention_mask):
         """Sentence embedding: mean of the last hidden state over real tokens, L2-normalised."""
         out = self.base(model)(input_ids=input_ids, attention_mask=attention_mask)
-        h = out.last_hidden_state                                   # (B, T, d)
+        return self.pool(out.last_hidden_state, attention_mask)
+
+    @staticmethod
+    def pool(h, attention_mask):
         m = attention_mask.unsqueeze(-1).to(h.dtype)                # (B, T, 1)
-        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)               # (B, d)
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)               # (B, d) mean over real tokens
         return torch.nn.functional.normalize(e, dim=-1)
+
+    def head_kind(self, model) -> str | None:
+        """Which distribution the head's logits are: per sequence, per token, or none we distil."""
+        cls = type(model).__name__.removeprefix("Planner")
+        if cls.endswith(("ForSequenceClassification", "ForMultipleChoice")):
+            return "sequence"
+        if cls.endswith(("ForTokenClassification", "ForMaskedLM")):
+            return "token"
+        return None                                                 # bare encoder (or QA/pre-training heads)
+
+    def distill_outputs(self, model, input_ids, attention_mask):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = list(out.hidden_states[1:])                        # L x (B, T, d); [0] is the embedding output
+        head = self.head_kind(model)
+        logits = out.logits if head else None
+        emb = self.pool(hidden[-1], attention_mask) if model is self.base(model) else None
+        return {"hidden": hidden, "logits": logits, "head": head, "embedding": emb}
+
+    def embedding_parameters(self, model):
+        return list(self.base(model).embeddings.parameters())
 
     def save_config_(self, model):
         c = model.config
