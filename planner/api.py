@@ -5,6 +5,7 @@ import copy
 import datetime as _dt
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import data, hardware, io
@@ -32,11 +33,13 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), out=None, root="pr
 
 def profile_summary(p: LatencyProfile, path=None) -> dict:
     """A profile's conditions and headline numbers as one flat row (listing, `profile --json`)."""
+    top = p.max_speedup()
     return {"path": str(path) if path else None, "hardware": p.hardware.get("name"), "machine": p.hardware.get("key"),
             "device": p.hardware.get("device"), "threads": p.hardware.get("threads"),
             "shape": p.shape.get("key"), "mode": p.mode, "batch": p.batch_size, "seq": p.seq_len,
             "dtype": p.dtype, "dense_ms": p.base["median"] * 1e3, "constant_ms": p.constant * 1e3,
-            "max_speedup": p.max_speedup(), "check_max_err": p.fit.get("max_rel_error") if p.fit else None,
+            "max_speedup": top if np.isfinite(top) else None,       # JSON has no infinity
+            "check_max_err": p.fit.get("max_rel_error") if p.fit else None,
             "torch": p.hardware.get("torch"), "created": p.created}
 
 

@@ -90,7 +90,7 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     x = latency_inputs(shape.vocab, cfg.batch_size, cfg.seq_len, cfg.device)
     dense = {"attn": shape.n_heads, "ffn": shape.ffn}
     grids = {k: width_grid(k, dense[k], cfg.ffn_step) for k in KINDS}
-    notes = []
+    notes, floor = [], 0.0
     mixed = latency.mixed_architectures(shape.n_layers, shape.n_heads, grids["ffn"], cfg.n_mixed, seed=0)
     if cfg.method == "model":
         base, mods, all_removed, mixed_times = _profile_in_model(model, adapter, x, grids, dense, mixed, cfg,
@@ -99,6 +99,7 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
         # where base - Σ dense modules came out near 0). Used as the constant it under-predicted speedups by
         # 10-15%; the check on mixed architectures (_fit) corrects the model where plans actually land.
         notes.append(f"all modules removed, timed: {all_removed * 1e3:.3f} ms")
+        floor = float(all_removed)
     else:
         base, mods = _profile_modules(model, adapter, x, grids, cfg, progress)
         ratios = _time_variants(model, adapter, x, dict(enumerate(mixed)), cfg, progress, "validate")[0]
@@ -110,7 +111,7 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     prof = LatencyProfile(
         hardware=hardware.describe(cfg.device), shape={**shape.__dict__, "key": shape.key},
         batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, mode="prefill", method=cfg.method,
-        base=base, constant=float(constant), modules=mods, notes=notes,
+        base=base, constant=float(constant), modules=mods, notes=notes, floor=floor,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return _fit(prof, mixed, [mixed_times[i] for i in range(len(mixed))])
 

@@ -105,6 +105,9 @@ class LatencyProfile(_JSON):
     # {"offset", "scale", "applied", "n_mixed", "max_rel_error_additive", "max_rel_error", "loo_max_rel_error",
     #  "variants": [{"layers", "measured", "additive", "predicted"}]}
     fit: dict = field(default_factory=dict)
+    # seconds of the model with every prunable module removed, as timed (0: not timed). The additive model's
+    # constant can come out 0 (it is noise-level on CPU), which alone would make any speedup look reachable.
+    floor: float = 0.0
 
     def times(self, kind: str) -> ModuleTimes:
         return ModuleTimes(**self.modules[kind])
@@ -122,6 +125,7 @@ class LatencyProfile(_JSON):
 
     def max_speedup(self) -> float:
         fastest = self.constant + self.arch.n_layers * (min(self.times("attn").monotone) + min(self.times("ffn").monotone))
+        fastest = max(fastest, self.floor)
         return self.base["median"] / fastest if fastest > 0 else float("inf")
 
     @property

@@ -69,6 +69,14 @@ def test_uniform_plan_meets_target():
     assert len({(l["heads"], l["ffn"]) for l in u.layers}) == 1
 
 
+def test_timed_floor_bounds_the_reachable_speedup():
+    assert _profile(constant=0.0).max_speedup() == float("inf")           # nothing bounds it but the floor
+    assert _profile(constant=0.0, floor=0.5).max_speedup() == pytest.approx(10.0 / 0.5)
+    assert _profile(floor=0.5).max_speedup() == pytest.approx(10.0 / 2.0)  # the constant is the larger bound
+    from planner.api import profile_summary
+    assert profile_summary(_profile(constant=0.0))["max_speedup"] is None  # JSON has no infinity
+
+
 def test_uniform_plan_never_removes_everything():
     # constant 0: removing every module would "predict" zero time; that is unreachable, not a division by zero
     p = _profile(constant=0.0)
