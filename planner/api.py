@@ -40,6 +40,7 @@ def profile_summary(p: LatencyProfile, path=None) -> dict:
             "dtype": p.dtype, "dense_ms": p.base["median"] * 1e3, "constant_ms": p.constant * 1e3,
             "max_speedup": top if np.isfinite(top) else None,       # JSON has no infinity
             "check_max_err": p.fit.get("max_rel_error") if p.fit else None,
+            "sparse_crossover": {k: p.sparse_crossover(k) for k in p.sparse},
             "torch": p.hardware.get("torch"), "created": p.created}
 
 

@@ -62,15 +62,25 @@ def _profile_opts(f):
                      help="de-noise module time curves over +-N grid points (0: use the medians as measured)"),
         click.option("--n-mixed", default=ProfileConfig.n_mixed, show_default=True,
                      help="random mixed architectures timed to fit and check the latency model (0: none)"),
+        click.option("--sparsity", default="", metavar="LEVELS",
+                     help="also time every module on the sparse kernel at these sparsities, e.g. 0.5,0.9,0.95 "
+                          "(CPU: CSR; CUDA adds 2:4)"),
     ]):
         f = opt(f)
     return f
 
 
+def _levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise PlannerError(f"--sparsity takes comma-separated numbers such as 0.5,0.9; got {text!r}") from None
+
+
 def _profile_cfg(kw) -> ProfileConfig:
     return ProfileConfig(batch_size=kw["batch_size"], seq_len=kw["seq_len"], device=kw["device"], dtype=kw["dtype"],
                          threads=kw["threads"], ffn_step=kw["ffn_step"], method=kw["method"], rounds=kw["rounds"],
-                         n_mixed=kw["n_mixed"], smooth=kw["smooth"])
+                         n_mixed=kw["n_mixed"], smooth=kw["smooth"], sparsity=_levels(kw["sparsity"]))
 
 
 @main.command()
@@ -92,6 +102,13 @@ def profile(model, out, as_json, quiet, **kw):
         return
     click.echo(f"{path}: dense {p.base['median']*1e3:.2f} ms, non-prunable {p.constant*1e3:.2f} ms, "
                f"largest reachable speedup {p.max_speedup():.1f}x ({p.conditions})")
+    for kind, sp in p.sparse.items():
+        cross = p.sparse_crossover(kind)
+        times = ", ".join(f"{lv:g} {ker}: {t*1e3:.2f} ms" for lv, ker, t in zip(sp["levels"], sp["kernels"],
+                                                                               sp["median"]))
+        click.echo(f"  {kind} on sparse kernels ({times}; dense {p.times(kind).monotone[-1]*1e3:.2f} ms): "
+                   + (f"faster than dense from {cross:g} sparsity" if cross is not None else
+                      "never faster than dense at the levels timed"))
 
 
 @main.command()

@@ -28,6 +28,7 @@ class ProfileConfig:
     rounds: int = 4                 # interleaved rounds over all options (drift hits every option alike)
     smooth: int = 4                 # de-noise module curves over ±this many grid points (FFN; ≤2 for heads); 0: off
     n_mixed: int = 8                # random mixed architectures timed to fit and check the additive model
+    sparsity: tuple[float, ...] = ()  # sparse-kernel levels to time per module (CSR; CUDA adds 2:4); () = none
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
@@ -40,6 +41,7 @@ class ProfileConfig:
         _check(self.reps >= 1 and self.warmup >= 0 and self.rounds >= 1, "reps/rounds must be >= 1")
         _check(self.n_mixed >= 0, "--n-mixed must be >= 0")
         _check(self.smooth >= 0, "--smooth must be >= 0")
+        _check(all(0.0 < x < 1.0 for x in self.sparsity), "--sparsity levels must be in (0, 1), e.g. 0.5,0.9")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,8 +27,10 @@ def _method_colors(methods) -> dict:
 def latency_curves(prof: LatencyProfile) -> Figure:
     """Module time vs kept width for attention (heads) and FFN (neurons): the measured medians with their
     spread as error bars, and the de-noised monotone curve the solver uses."""
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    axes = fig.subplots(1, 2)
+    fig = Figure(figsize=(16 if prof.sparse else 11, 4), layout="constrained")
+    axes = fig.subplots(1, 3 if prof.sparse else 2)
+    if prof.sparse:
+        _sparse_panel(axes[2], prof)
     for ax, kind, xlabel in zip(axes, ("attn", "ffn"), ("kept attention heads", "kept FFN neurons")):
         mt = prof.times(kind)
         w = np.asarray(mt.widths)
@@ -43,6 +45,20 @@ def latency_curves(prof: LatencyProfile) -> Figure:
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"Latency profile: {prof.conditions}", fontsize=9)
     return fig
+
+
+def _sparse_panel(ax, prof: LatencyProfile) -> None:
+    """Module time on the sparse kernel vs sparsity (full width), against the dense module (dashed)."""
+    for i, (kind, s) in enumerate(sorted(prof.sparse.items())):
+        c = _COLORS[i + 1]
+        ax.errorbar(s["levels"], np.asarray(s["median"]) * 1e3, yerr=np.asarray(s["spread"]) * 1e3, fmt="o-",
+                    ms=3, capsize=2, color=c, label=f"{kind} on {'/'.join(sorted(set(s['kernels'])))}")
+        ax.axhline(prof.times(kind).monotone[-1] * 1e3, color=c, ls="--", lw=1, label=f"{kind} dense")
+    ax.set_xlabel("sparsity of every linear in the module")
+    ax.set_ylabel("time per block (ms)")
+    ax.set_title("Sparse kernels (below the dashed line: faster than dense)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def self_check(prof: LatencyProfile) -> Figure | None:

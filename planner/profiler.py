@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import hardware, latency
+from . import hardware, latency, sparse
 from .adapters import get_adapter
 from .config import ProfileConfig
 from .data import latency_inputs
@@ -62,15 +62,21 @@ def dense_model_from_config(path, dtype=torch.float32, device="cpu"):
 
 def _variant(model, adapter, layers: list[dict]):
     """A copy whose block i keeps the first layers[i]['heads'] heads and ['ffn'] neurons (weights are
-    irrelevant for latency); dense entries are left untouched."""
+    irrelevant for latency); dense entries are left untouched. A spec may also carry
+    "sparse": {kind: level} and "kernel": the linears of that module then run on the sparse kernel at that
+    sparsity (a random mask with the right number of non-zeros)."""
     emb = adapter.base(model).embeddings
     v = copy.deepcopy(model, memo={id(emb): emb})       # share the embedding table: it is never pruned
     shape = adapter.shape(model)
     dense = {"attn": shape.n_heads, "ffn": shape.ffn}
+    gen = torch.Generator().manual_seed(0)
     for layer, spec in zip(adapter.layers(v), layers):
         for k, key in (("attn", "heads"), ("ffn", "ffn")):
             if spec[key] != dense[k]:
                 adapter.shrink_(layer, k, torch.arange(spec[key]), None, v.config)
+        for k, level in (spec.get("sparse") or {}).items():
+            for parent, name in adapter.linear_slots(layer, k):
+                setattr(parent, name, sparse.sparse_like(getattr(parent, name), level, spec["kernel"], gen))
     return v
 
 
@@ -90,11 +96,14 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     x = latency_inputs(shape.vocab, cfg.batch_size, cfg.seq_len, cfg.device)
     dense = {"attn": shape.n_heads, "ffn": shape.ffn}
     grids = {k: width_grid(k, dense[k], cfg.ffn_step) for k in KINDS}
-    notes, floor = [], 0.0
+    notes, floor, sparse_mods = [], 0.0, {}
+    if cfg.sparsity and cfg.method != "model":
+        raise PlannerError("--sparsity is timed inside the running model: use it with --method model")
+    levels = _sparse_levels(cfg)
     mixed = latency.mixed_architectures(shape.n_layers, shape.n_heads, grids["ffn"], cfg.n_mixed, seed=0)
     if cfg.method == "model":
-        base, mods, all_removed, mixed_times = _profile_in_model(model, adapter, x, grids, dense, mixed, cfg,
-                                                                 progress)
+        base, mods, all_removed, mixed_times, sparse_mods = _profile_in_model(model, adapter, x, grids, dense,
+                                                                              mixed, cfg, progress, levels)
         # The timed all-removed model is a diagnostic of non-additivity (2-12 ms at batch 8 on a 2-core CPU,
         # where base - Σ dense modules came out near 0). Used as the constant it under-predicted speedups by
         # 10-15%; the check on mixed architectures (_fit) corrects the model where plans actually land.
@@ -111,9 +120,17 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     prof = LatencyProfile(
         hardware=hardware.describe(cfg.device), shape={**shape.__dict__, "key": shape.key},
         batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, mode="prefill", method=cfg.method,
-        base=base, constant=float(constant), modules=mods, notes=notes, floor=floor,
+        base=base, constant=float(constant), modules=mods, notes=notes, floor=floor, sparse=sparse_mods,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return _fit(prof, mixed, [mixed_times[i] for i in range(len(mixed))])
+
+
+def _sparse_levels(cfg: ProfileConfig) -> list[tuple[float, str]]:
+    """(sparsity, kernel) pairs to time: CSR at every requested level; on CUDA also 2:4 where supported."""
+    out = [(float(s), "csr") for s in sorted(cfg.sparsity)]
+    if cfg.sparsity and cfg.device == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        out.append((0.5, "2:4"))
+    return out
 
 
 def _fit(prof: LatencyProfile, mixed: list[list[dict]], measured: list[float]) -> LatencyProfile:
@@ -155,7 +172,9 @@ def _clamped(prof: LatencyProfile) -> LatencyProfile:
 def _scaled(prof: LatencyProfile, s: float) -> LatencyProfile:
     mods = {k: {**m, **{f: [t * s for t in m[f]] for f in ("median", "spread", "model") if m.get(f)}}
             for k, m in prof.modules.items()}
-    return dataclasses.replace(prof, modules=mods)
+    sp = {k: {**m, "median": [t * s for t in m["median"]], "spread": [t * s for t in m["spread"]]}
+          for k, m in prof.sparse.items()}
+    return dataclasses.replace(prof, modules=mods, sparse=sp)
 
 
 def _forward(model, x):
@@ -209,7 +228,7 @@ def _time_variants(model, adapter, x, variants: dict, cfg, progress, desc="profi
     return ratios, bases
 
 
-def _profile_in_model(model, adapter, x, grids, dense, mixed, cfg, progress):
+def _profile_in_model(model, adapter, x, grids, dense, mixed, cfg, progress, sparse_levels=()):
     shape = adapter.shape(model)
     L = shape.n_layers
     # ("all", 0): every module removed, a diagnostic of how non-additive the savings are;
@@ -217,6 +236,10 @@ def _profile_in_model(model, adapter, x, grids, dense, mixed, cfg, progress):
     variants = {(k, w): _uniform(shape, k, w) for k in KINDS for w in grids[k] if w != dense[k]}
     variants[("all", 0)] = _uniform(shape, "all", 0)
     variants.update({("mix", i): m for i, m in enumerate(mixed)})
+    # ("sparse", kind, level, kernel): every block's `kind` at full width with its linears on a sparse kernel
+    full = {"heads": shape.n_heads, "ffn": shape.ffn}
+    variants.update({("sparse", k, lv, ker): [{**full, "sparse": {k: lv}, "kernel": ker}] * L
+                     for k in KINDS for lv, ker in sparse_levels})
     ratios, bases = _time_variants(model, adapter, x, variants, cfg, progress)
     t0 = median(bases)
     mods = {}
@@ -233,7 +256,14 @@ def _profile_in_model(model, adapter, x, grids, dense, mixed, cfg, progress):
     all_removed = t0 * median(ratios[("all", 0)])
     mixed_times = {i: t0 * median(ratios[("mix", i)]) for i in range(len(mixed))}
     base = {"median": t0, "spread": spread(bases), "reps": len(bases)}
-    return base, mods, all_removed, mixed_times
+    sparse_mods = {}
+    for k in KINDS if sparse_levels else ():
+        zero = ratios[(k, 0)]
+        vals = [[t0 * (a - b) / L for a, b in zip(ratios[("sparse", k, lv, ker)], zero)] for lv, ker in sparse_levels]
+        sparse_mods[k] = {"levels": [lv for lv, _ in sparse_levels], "kernels": [ker for _, ker in sparse_levels],
+                          "median": [max(median(v), 0.0) for v in vals],
+                          "spread": [spread(v) if cfg.rounds > 1 else 0.0 for v in vals]}
+    return base, mods, all_removed, mixed_times, sparse_mods
 
 
 def _profile_modules(model, adapter, x, grids, cfg, progress):

@@ -108,9 +108,21 @@ class LatencyProfile(_JSON):
     # seconds of the model with every prunable module removed, as timed (0: not timed). The additive model's
     # constant can come out 0 (it is noise-level on CPU), which alone would make any speedup look reachable.
     floor: float = 0.0
+    # module times with every linear of the module on a sparse kernel, at full width (profile --sparsity):
+    # kind -> {"levels": [sparsity], "kernels": ["csr" | "2:4"], "median": [s], "spread": [s]}
+    sparse: dict = field(default_factory=dict)
 
     def times(self, kind: str) -> ModuleTimes:
         return ModuleTimes(**self.modules[kind])
+
+    def sparse_crossover(self, kind: str) -> float | None:
+        """The lowest timed sparsity at which `kind` on a sparse kernel is faster than dense (None: never)."""
+        s = self.sparse.get(kind)
+        if not s:
+            return None
+        dense = self.times(kind).monotone[-1]
+        faster = [lv for lv, t in zip(s["levels"], s["median"]) if t < dense]
+        return min(faster) if faster else None
 
     @property
     def arch(self) -> ArchShape:

@@ -40,6 +40,11 @@ class Adapter:
         """The linear whose input columns are the structures of `kind` (None if the module is removed)."""
         raise NotImplementedError
 
+    def linear_slots(self, layer: nn.Module, kind: str) -> list[tuple[nn.Module, str]]:
+        """Every linear of module `kind` as (parent, attribute name), so it can be swapped for another
+        implementation (a sparse kernel); [] if the module is removed."""
+        raise NotImplementedError
+
     def residual_norm_input(self, layer: nn.Module, kind: str) -> nn.Module:
         """The module whose forward input is the residual stream right after `kind` writes into it."""
         raise NotImplementedError

@@ -80,6 +80,14 @@ class BertAdapter(Adapter):
             return None if isinstance(layer.attention, remote.RemovedAttention) else layer.attention.output.dense
         return None if isinstance(layer.intermediate, remote.RemovedIntermediate) else layer.output.dense
 
+    def linear_slots(self, layer, kind):
+        if self.consumer(layer, kind) is None:
+            return []
+        if kind == "attn":
+            sa = layer.attention.self
+            return [(sa, "query"), (sa, "key"), (sa, "value"), (layer.attention.output, "dense")]
+        return [(layer.intermediate, "dense"), (layer.output, "dense")]
+
     def residual_norm_input(self, layer, kind):
         return layer.attention.output.LayerNorm if kind == "attn" else layer.output.LayerNorm
 
