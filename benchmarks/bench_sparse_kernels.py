@@ -56,7 +56,7 @@ def main():
     print("|---|---|---|---|---|")
     with torch.no_grad():
         for name, (o, i) in shapes.items():
-            lin = torch.nn.Linear(i, o).to(a.device, dt)
+            lin = torch.nn.Linear(i, o).to(a.device, dt).eval()
             x = torch.randn(n, i, device=a.device, dtype=dt)
             crossover = None
             for lv in levels:

@@ -75,8 +75,13 @@ def _variant(model, adapter, layers: list[dict]):
             if spec[key] != dense[k]:
                 adapter.shrink_(layer, k, torch.arange(spec[key]), None, v.config)
         for k, level in (spec.get("sparse") or {}).items():
-            for parent, name in adapter.linear_slots(layer, k):
-                setattr(parent, name, sparse.sparse_like(getattr(parent, name), level, spec["kernel"], gen))
+            if spec["kernel"] == "csr":                 # the portable layer a saved sparse plan loads into
+                ws = [getattr(p, n).weight * sparse.random_mask(getattr(p, n).weight.shape, level, gen)
+                      for p, n in adapter.linear_slots(layer, k)]
+                adapter.sparsify_(layer, k, level, ws)
+            else:
+                for parent, name in adapter.linear_slots(layer, k):
+                    setattr(parent, name, sparse.sparse_like(getattr(parent, name), level, spec["kernel"], gen))
     return v
 
 

@@ -11,6 +11,10 @@ import warnings
 import torch
 from torch import nn
 
+# the portable CSR layer lives in the file copied next to saved weights (no planner import there)
+from .adapters.remote.modeling_planner_bert import PlannerCsrLinear as CsrLinear
+from .adapters.remote.modeling_planner_bert import csr_like
+
 KERNELS = ("csr", "2:4")
 
 
@@ -19,39 +23,25 @@ def kernel_for(device: str) -> str:
 
 
 class SparseLinear(nn.Module):
-    """y = x W^T + b with W held in a sparse format; W (out, in) is given dense (its zeros are the sparsity)."""
+    """y = x W^T + b with W (out, in) held in 2:4 semi-structured form (CUDA). CSR layers use the portable
+    `CsrLinear` that saved checkpoints load into, so the profile times exactly what a user runs."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "csr"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "2:4"):
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel != "2:4":
+            raise ValueError(f"SparseLinear is the 2:4 kernel; use CsrLinear for csr (got kernel {kernel!r})")
+        from torch.sparse import to_sparse_semi_structured
         self.kernel = kernel
         self.out_features, self.in_features = weight.shape
-        w = weight.detach()
-        if kernel == "csr":
-            with warnings.catch_warnings():                  # "CSR support is in beta": said once per layer
-                warnings.simplefilter("ignore", UserWarning)
-                self.weight = w.to_sparse_csr()              # (out, in), nnz values
-        else:
-            from torch.sparse import to_sparse_semi_structured
-            self.weight = to_sparse_semi_structured(w.contiguous())
+        self.weight = to_sparse_semi_structured(weight.detach().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)                 # (N, in)
-        if self.kernel == "csr":
-            y = (self.weight @ x2.T).T                       # CSR (out, in) @ (in, N): the fast CPU path
-        else:
-            y = nn.functional.linear(x2, self.weight)
+        y = nn.functional.linear(x.reshape(-1, self.in_features), self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
-
-    @property
-    def density(self) -> float:
-        nnz = self.weight._nnz() if self.kernel == "csr" else self.out_features * self.in_features // 2
-        return nnz / (self.out_features * self.in_features)
 
 
 def random_mask(shape, sparsity: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -71,8 +61,18 @@ def two_four_mask(shape) -> torch.Tensor:
     return m
 
 
-def sparse_like(lin: nn.Linear, level, kernel: str, generator: torch.Generator | None = None) -> SparseLinear:
-    """A SparseLinear of `lin`'s shape at `level` (a sparsity for CSR, "2:4" for semi-structured)."""
+def sparse_like(lin: nn.Linear, level, kernel: str, generator: torch.Generator | None = None) -> nn.Module:
+    """A sparse layer of `lin`'s shape at `level` (a sparsity for CSR, "2:4" semi-structured), random mask."""
     w = lin.weight.detach()
-    mask = two_four_mask(w.shape) if kernel == "2:4" else random_mask(w.shape, float(level), generator)
-    return SparseLinear(w * mask.to(w.device), lin.bias, kernel)
+    if kernel == "2:4":
+        return SparseLinear(w * two_four_mask(w.shape).to(w.device), lin.bias, "2:4")
+    if kernel != "csr":
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return csr_like(lin, float(level), w * random_mask(w.shape, float(level), generator).to(w.device))
+
+
+def density(layer: nn.Module) -> float:
+    w = layer.weight
+    if isinstance(layer, CsrLinear):
+        return float((w != 0).sum()) / w.numel()
+    return 0.5 if getattr(layer, "kernel", None) == "2:4" else float((w != 0).sum()) / w.numel()

@@ -11,7 +11,7 @@ from planner import profiler
 from planner.adapters import get_adapter
 from planner.cli import main
 from planner.config import ProfileConfig
-from planner.sparse import SparseLinear, random_mask, sparse_like
+from planner.sparse import CsrLinear, csr_like, density, random_mask, sparse_like
 from planner.types import LatencyProfile
 
 from .test_types import _profile
@@ -22,13 +22,21 @@ def test_csr_linear_equals_masked_dense():
     lin = torch.nn.Linear(48, 40)
     mask = random_mask(lin.weight.shape, 0.8, g)
     assert int(mask.sum()) == round(0.2 * 48 * 40)
-    sp = SparseLinear(lin.weight * mask, lin.bias, "csr")
+    sp = csr_like(lin.eval(), 0.8, lin.weight * mask)
+    assert not sp.training
     x = torch.randn(3, 7, 48, generator=g)                       # (B, T, in)
     ref = torch.nn.functional.linear(x, lin.weight * mask, lin.bias)
     torch.testing.assert_close(sp(x), ref, rtol=1e-5, atol=1e-5)
-    assert sp.density == pytest.approx(0.2, abs=1e-3)
+    assert density(sp) == pytest.approx(0.2, abs=1e-3) and sp.sparsity == 0.8
+    with torch.no_grad():                                        # a changed weight rebuilds the CSR copy
+        sp.weight.mul_(2)
+    torch.testing.assert_close(sp(x), torch.nn.functional.linear(x, 2 * lin.weight * mask, lin.bias),
+                               rtol=1e-5, atol=1e-5)
+    sp.train()                                                   # training: dense path, gradients flow
+    sp(x).sum().backward()
+    assert sp.weight.grad is not None
     with pytest.raises(ValueError, match="kernel"):
-        SparseLinear(lin.weight, lin.bias, "bsr")
+        sparse_like(lin, 0.5, "bsr")
 
 
 def test_sparse_variant_swaps_only_that_modules_linears(tiny_bert):
@@ -38,14 +46,15 @@ def test_sparse_variant_swaps_only_that_modules_linears(tiny_bert):
     for layer in adapter.layers(v):
         ffn = [getattr(p, n) for p, n in adapter.linear_slots(layer, "ffn")]
         attn = [getattr(p, n) for p, n in adapter.linear_slots(layer, "attn")]
-        assert all(isinstance(m, SparseLinear) and m.density == pytest.approx(0.25, abs=1e-3) for m in ffn)
+        assert all(isinstance(m, CsrLinear) and density(m) == pytest.approx(0.25, abs=1e-3) for m in ffn)
+        assert not any(m.training for m in ffn)                   # timed on the CSR path, not the dense one
         assert all(type(m) is torch.nn.Linear for m in attn)
     # the variant computes what the dense model with those zeros computes
     ref = profiler._variant(model, adapter, [{"heads": 4, "ffn": 128}] * 2)
     for lv, lr in zip(adapter.layers(v), adapter.layers(ref)):
         for (pv, n), (pr, _) in zip(adapter.linear_slots(lv, "ffn"), adapter.linear_slots(lr, "ffn")):
             with torch.no_grad():
-                getattr(pr, n).weight.copy_(getattr(pv, n).weight.to_dense())
+                getattr(pr, n).weight.copy_(getattr(pv, n).weight)
     x = {"input_ids": torch.randint(5, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
     with torch.no_grad():
         torch.testing.assert_close(v(**x).last_hidden_state, ref(**x).last_hidden_state, rtol=1e-4, atol=1e-5)
@@ -104,3 +113,26 @@ def test_latency_plot_shows_sparse_levels():
     assert len(fig.axes) == 3
     line = [c for c in fig.axes[2].containers if c.get_label() == "ffn on csr"][0][0]   # errorbar's data line
     assert list(line.get_xdata()) == [0.5, 0.9] and list(line.get_ydata()) == [3000.0, 1500.0]
+
+
+def test_sparse_layers_save_and_load_without_planner(tiny_bert, tmp_path):
+    import transformers
+
+    from planner.models import load_model, save_portable
+    model, adapter = load_model(tiny_bert)
+    layer = adapter.layers(model)[1]
+    g = torch.Generator().manual_seed(1)
+    ws = [getattr(p, n).weight * random_mask(getattr(p, n).weight.shape, 0.9, g)
+          for p, n in adapter.linear_slots(layer, "ffn")]
+    adapter.sparsify_(layer, "ffn", 0.9, ws)
+    assert adapter.spec(model)[1].to_dict() == {"heads": 4, "ffn": 128, "ffn_sparsity": 0.9}
+    assert adapter.spec(model)[0].to_dict() == {"heads": 4, "ffn": 128}           # untouched layers unchanged
+    save_portable(model, adapter, tiny_bert, tmp_path / "m")
+    m2 = transformers.AutoModel.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    slots = [getattr(p, n) for p, n in adapter.linear_slots(m2.encoder.layer[1], "ffn")]
+    assert all(type(s).__name__ == "PlannerCsrLinear" and s.sparsity == 0.9 for s in slots)
+    assert type(m2.encoder.layer[0].output.dense) is torch.nn.Linear
+    x = {"input_ids": torch.randint(5, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(m2(**x).last_hidden_state, model(**x).last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert all(s._csr is not None for s in slots)                                  # ran on the CSR kernel

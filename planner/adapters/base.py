@@ -13,9 +13,13 @@ from ..types import ArchShape
 class LayerSpec:
     heads: int
     ffn: int
+    attn_sparsity: float = 0.0      # > 0: the module's linears are sparse at this level (full width)
+    ffn_sparsity: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"heads": self.heads, "ffn": self.ffn}
+        d = {"heads": self.heads, "ffn": self.ffn}
+        d.update({k: v for k, v in (("attn_sparsity", self.attn_sparsity), ("ffn_sparsity", self.ffn_sparsity)) if v})
+        return d
 
 
 class Adapter:
@@ -43,6 +47,11 @@ class Adapter:
     def linear_slots(self, layer: nn.Module, kind: str) -> list[tuple[nn.Module, str]]:
         """Every linear of module `kind` as (parent, attribute name), so it can be swapped for another
         implementation (a sparse kernel); [] if the module is removed."""
+        raise NotImplementedError
+
+    def sparsify_(self, layer: nn.Module, kind: str, level: float, weights: list[torch.Tensor] | None = None) -> None:
+        """Run module `kind`'s linears (linear_slots order) on the portable sparse kernel at `level`, with
+        `weights` (each (out, in), zeros included) if given, else the current weights."""
         raise NotImplementedError
 
     def residual_norm_input(self, layer: nn.Module, kind: str) -> nn.Module:

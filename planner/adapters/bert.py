@@ -67,7 +67,8 @@ class BertAdapter(Adapter):
     def layer_spec(self, layer) -> LayerSpec:
         heads = 0 if isinstance(layer.attention, remote.RemovedAttention) else layer.attention.self.num_attention_heads
         ffn = 0 if isinstance(layer.intermediate, remote.RemovedIntermediate) else layer.intermediate.dense.out_features
-        return LayerSpec(int(heads), int(ffn))
+        sp = {k: float(getattr(self.consumer(layer, k), "sparsity", 0.0)) for k in ("attn", "ffn")}
+        return LayerSpec(int(heads), int(ffn), sp["attn"], sp["ffn"])
 
     def spec(self, model) -> list[LayerSpec]:
         return [self.layer_spec(l) for l in self.layers(model)]
@@ -83,10 +84,13 @@ class BertAdapter(Adapter):
     def linear_slots(self, layer, kind):
         if self.consumer(layer, kind) is None:
             return []
-        if kind == "attn":
-            sa = layer.attention.self
-            return [(sa, "query"), (sa, "key"), (sa, "value"), (layer.attention.output, "dense")]
-        return [(layer.intermediate, "dense"), (layer.output, "dense")]
+        return remote.planner_sparse_slots(layer, kind)
+
+    def sparsify_(self, layer, kind, level, weights=None):
+        slots = self.linear_slots(layer, kind)
+        weights = weights if weights is not None else [None] * len(slots)
+        for (parent, name), w in zip(slots, weights):
+            setattr(parent, name, remote.csr_like(getattr(parent, name), level, w))
 
     def residual_norm_input(self, layer, kind):
         return layer.attention.output.LayerNorm if kind == "attn" else layer.output.LayerNorm

@@ -4,8 +4,11 @@ This file is copied next to the weights so that the checkpoint loads with plain 
 transformers (`AutoModel.from_pretrained(dir, trust_remote_code=True)`), without the planner installed.
 It only depends on torch and transformers. `config.planner_layers[i]` gives the kept attention heads
 and FFN neurons of layer i; 0 means the module is removed and only its residual path (bias + LayerNorm,
-BERT is post-LN) remains.
+BERT is post-LN) remains. An "attn_sparsity" / "ffn_sparsity" entry means that module's linears were
+sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
 """
+import warnings
+
 import torch
 import transformers
 from torch import nn
@@ -40,13 +43,59 @@ class RemovedIntermediate(nn.Module):
         return None
 
 
+class PlannerCsrLinear(nn.Linear):
+    """A linear whose weight has been sparsified: stored and loaded as a plain dense `weight` (zeros
+    included), run through a compressed-sparse-row matmul in eval mode. The CSR copy is built on first use
+    and rebuilt whenever the weight changes; in training mode the dense path keeps autograd working."""
+
+    def __init__(self, in_features, out_features, bias=True, sparsity=0.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.sparsity = float(sparsity)           # nominal level, what the latency profile timed
+        self._csr, self._csr_key = None, None
+
+    def forward(self, x):
+        if self.training:
+            return nn.functional.linear(x, self.weight, self.bias)
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if self._csr_key != key:
+            with warnings.catch_warnings():                  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr, self._csr_key = w.detach().to_sparse_csr(), key
+        lead = x.shape[:-1]
+        y = (self._csr @ x.reshape(-1, self.in_features).T).T          # CSR (out, in) @ (in, N) -> (N, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+def csr_like(lin, sparsity, weight=None):
+    """A PlannerCsrLinear of `lin`'s shape and bias; weight (out, in) defaults to lin's."""
+    new = PlannerCsrLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, sparsity=sparsity,
+                           device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight if weight is None else weight)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new.train(lin.training)           # an eval model stays in eval mode: the CSR path
+
+
 def _linear_like(lin, in_features=None, out_features=None):
     new = nn.Linear(in_features or lin.in_features, out_features or lin.out_features, bias=lin.bias is not None)
     return new.to(device=lin.weight.device, dtype=lin.weight.dtype)
 
 
-def planner_reshape_layer(layer, heads, ffn, config):
-    """Give `layer` the module shapes of `heads` kept heads and `ffn` kept neurons (weights uninitialised)."""
+def planner_sparse_slots(layer, kind):
+    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a BERT layer."""
+    if kind == "attn":
+        sa = layer.attention.self
+        return [(sa, "query"), (sa, "key"), (sa, "value"), (layer.attention.output, "dense")]
+    return [(layer.intermediate, "dense"), (layer.output, "dense")]
+
+
+def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_sparsity=0.0):
+    """Give `layer` the module shapes of `heads` kept heads and `ffn` kept neurons (weights uninitialised);
+    a module with a sparsity > 0 gets CSR linears."""
     d = config.hidden_size
     eps = config.layer_norm_eps
     head_dim = d // config.num_attention_heads
@@ -72,6 +121,12 @@ def planner_reshape_layer(layer, heads, ffn, config):
     elif layer.intermediate.dense.out_features != ffn:
         layer.intermediate.dense = _linear_like(layer.intermediate.dense, out_features=ffn)
         layer.output.dense = _linear_like(layer.output.dense, in_features=ffn)
+    for kind, level, width in (("attn", attn_sparsity, heads), ("ffn", ffn_sparsity, ffn)):
+        if level and width:
+            for parent, name in planner_sparse_slots(layer, kind):
+                lin = getattr(parent, name)
+                if not isinstance(lin, PlannerCsrLinear):
+                    setattr(parent, name, csr_like(lin, level))
 
 
 def planner_reshape_model(model, config):
@@ -83,7 +138,8 @@ def planner_reshape_model(model, config):
     if len(spec) != len(layers):
         raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
     for layer, s in zip(layers, spec):
-        planner_reshape_layer(layer, int(s["heads"]), int(s["ffn"]), config)
+        planner_reshape_layer(layer, int(s["heads"]), int(s["ffn"]), config, float(s.get("attn_sparsity", 0.0)),
+                              float(s.get("ffn_sparsity", 0.0)))
 
 
 def _make(base_name):
