@@ -75,6 +75,9 @@ def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, pr
     shape = adapter.shape(model)
     batches, calib_hash = calibration_batches(model_path, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
     levels = {"attn": width_grid("attn", shape.n_heads, 1), "ffn": prof.times("ffn").widths}
+    sparse = sorted({float(lv) for s in prof.sparse.values() for lv, k in zip(s["levels"], s["kernels"]) if k == "csr"})
+    if cfg.sparse and sparse and cfg.device == "cpu":
+        levels["sparse"] = sparse          # only when asked for, so a structured-only database keeps its identity
     identity = {"model": fingerprint(model_path), "calibration": calib_hash}
     return build_db(model, adapter, batches, db_dir, levels, DatabaseConfig(cfg.damp, cfg.val_fraction, cfg.device),
                     identity, progress)
@@ -96,7 +99,7 @@ def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True) -> l
     info = {"path": str(model_path), "fingerprint": fingerprint(model_path)}
     calib = {"calib_path": cfg.calib_path, "n_calib": cfg.n_calib, "calib_max_len": cfg.calib_max_len,
              "calib_batch": cfg.calib_batch, "damp": cfg.damp, "val_fraction": cfg.val_fraction,
-             "weights": "sequential" if cfg.sequential else "obs"}
+             "weights": "sequential" if cfg.sequential else "obs", "sparse": cfg.sparse}
     plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib)
     for p in plans:
         p.save(out_dir / plan_name(p))

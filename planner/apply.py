@@ -16,7 +16,7 @@ import torch
 
 from . import obs
 from .calibration import BlockInputs, capture_block_inputs, run_block
-from .database import Database
+from .database import Database, sparse_weights
 from .errors import PlannerError
 from .progress import bar as progress_bar
 from .types import KINDS, Plan
@@ -67,6 +67,7 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
                     H = db.tensors(i)[f"{kind}.H"].double()
                     return obs.reconstruct(lin.weight.detach().double(), H, cols, damp)
                 _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
+                _sparsify(adapter, blocks[i], i, kind, plan.layers[i], db, damp)
         return model
     if not batches:
         raise PlannerError("sequential apply needs calibration text")
@@ -81,10 +82,25 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
                 H_hat, C = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in, c_in)
                 return obs.reconstruct_cross(lin.weight.detach().double(), H_hat, C, cols, damp)
             _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
+            _sparsify(adapter, cblock, i, kind, plan.layers[i], db, damp)
         d_in = d_in.with_hidden(run_block(dblock, d_in))
         c_in = c_in.with_hidden(run_block(cblock, c_in))
     del dense
     return model
+
+
+def _sparsify(adapter, block, i, kind, plan_layer: dict, db: Database | None, damp: float):
+    """If the plan chose a sparse option for block i's `kind`, give its linears the SparseGPT weights (from
+    the database's Hessians, dense calibration inputs) and the portable CSR layer."""
+    level = float(plan_layer.get(f"{kind}_sparsity", 0.0))
+    if not level:
+        return
+    if db is None:
+        raise PlannerError("applying a sparse option needs the plan's OBS database; it was not found")
+    n = len(adapter.linear_slots(block, kind))
+    ws = sparse_weights(block, adapter, kind, level, db.slot_hessians(i, kind, n), damp)
+    adapter.sparsify_(block, kind, level, [w.to(getattr(p, name).weight.dtype) for (p, name), w in
+                                           zip(adapter.linear_slots(block, kind), ws)])
 
 
 def _shrink(model, adapter, i, kind, n_keep, select, db, fit):

@@ -149,6 +149,8 @@ def _plan_opts(f):
         click.option("--sequential/--no-sequential", default=True, show_default=True,
                      help="refit kept weights on inputs from the already-compressed layers"),
         click.option("--allow-other-machine", is_flag=True, help="accept a profile measured on another machine"),
+        click.option("--sparse/--no-sparse", default=PlanConfig.sparse, show_default=True,
+                     help="also offer the sparse levels the profile timed (profile --sparsity), per module"),
     ]):
         f = opt(f)
     return f
@@ -157,7 +159,8 @@ def _plan_opts(f):
 def _plan_cfg(targets, kw, device="cpu") -> PlanConfig:
     return PlanConfig(targets=tuple(targets), calib_path=str(kw["calib"]) if kw["calib"] else None,
                       n_calib=kw["n_calib"], error_norm=kw["error_norm"], val_fraction=kw["val_fraction"],
-                      sequential=kw["sequential"], allow_other_machine=kw["allow_other_machine"], device=device)
+                      sequential=kw["sequential"], allow_other_machine=kw["allow_other_machine"], device=device,
+                      sparse=kw["sparse"])
 
 
 def _recover_opts(prefix: str = "", full: bool = True):

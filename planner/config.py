@@ -59,6 +59,7 @@ class PlanConfig:
     error_norm: str = "residual"    # "residual": relative to the residual stream the module writes into;
                                     # "module": ZipLM's ‖ΔWx‖²/‖Wx‖²
     sequential: bool = True         # at apply: re-fit kept weights on inputs from the already-compressed layers
+    sparse: bool = True             # also offer the DP the sparse levels the profile timed (SparseGPT weights)
     n_buckets: int = 10_000
     device: str = "cpu"
     allow_other_machine: bool = False

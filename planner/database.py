@@ -10,9 +10,15 @@ update did not see, plus two denominators: the module's own output energy â€–Wxâ
 and the energy of the residual stream the module writes into (centred LayerNorm input). Corrected weights
 at any level are recovered exactly from the stored Hessian: OBS's result equals the least-squares optimum
 on the kept columns (`obs.reconstruct`), so they need not be stored level by level.
+
+With sparse levels (levels["sparse"], SparseGPT): per (layer, kind) also the held-out error of the module
+with every linear sparsified at each level, measured at the consumer's output (the same quantity as above),
+and the input Hessians of the module's other linears (`<kind>.H_slot<j>`); the sparse weights are
+recomputed from them at apply, as the structured ones are.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,7 @@ from . import io, obs
 from .calibration import BlockInputs, capture_block_inputs, run_block
 from .errors import PlannerError
 from .progress import bar as progress_bar
+from .sparsegpt import sparsegpt
 from .types import KINDS
 
 SCHEMA_VERSION = 1
@@ -60,6 +67,22 @@ class Database:
         den = max(den, 1e-30)
         return {int(w): float(v) / den for w, v in zip(e["widths"], e["val_error"])}
 
+    def sparse_errors(self, layer: int, kind: str, norm: str = "residual") -> dict[float, float]:
+        """sparsity level -> normalised held-out error of the module with its linears sparsified (SparseGPT);
+        {} if the database has no sparse levels."""
+        e = self.entry(layer, kind)
+        sp = e.get("sparse")
+        if not sp:
+            return {}
+        den = max(e["residual_energy"] if norm == "residual" else e["module_energy"], 1e-30)
+        return {float(lv): float(v) / den for lv, v in zip(sp["levels"], sp["val_error"])}
+
+    def slot_hessians(self, layer: int, kind: str, n_slots: int) -> list[torch.Tensor]:
+        """(d_in, d_in) float64 input Hessians of the module's linears (linear_slots order) for SparseGPT."""
+        t = self.tensors(layer)
+        last = n_slots - 1                                           # the consumer is the module's last linear
+        return [t[f"{kind}.H"].double() if j == last else t[f"{kind}.H_slot{j}"].double() for j in range(n_slots)]
+
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         p = self.path / f"layer_{layer}.safetensors"
         try:
@@ -87,14 +110,21 @@ def _split(batches: list[dict], val_fraction: float) -> tuple[list[dict], list[d
 class _Stats:
     """Hessians of the consumers' inputs and the residual energy, for one block on one data split."""
 
-    def __init__(self, layer, adapter, device):
+    def __init__(self, layer, adapter, device, slots: bool = False):
         self.adapter, self.device = adapter, device
         self.acc, self.res, self.n_res, self.mask = {}, {}, {}, None
+        self.slot_acc = {}                 # (kind, j) -> Hessian of the j-th linear's input (sparse options)
         self.handles = []
         for kind in KINDS:
             lin = adapter.consumer(layer, kind)
             if lin is None:
                 continue
+            for j, (parent, name) in enumerate(adapter.linear_slots(layer, kind) if slots else []):
+                slot = getattr(parent, name)
+                if slot is lin:
+                    continue                                         # the consumer's Hessian is acc[kind]
+                self.slot_acc[(kind, j)] = obs.HessianAccumulator(slot.in_features, device=device)
+                self.handles.append(slot.register_forward_pre_hook(self._slot_hook(kind, j)))
             self.acc[kind] = obs.HessianAccumulator(lin.in_features, device=device)
             self.res[kind], self.n_res[kind] = 0.0, 0
             self.handles.append(lin.register_forward_pre_hook(self._consumer_hook(kind)))
@@ -105,6 +135,17 @@ class _Stats:
         def hook(mod, args):
             self.acc[kind].add_batch(args[0].to(self.device), self.mask.to(self.device))
         return hook
+
+    def _slot_hook(self, kind, j):
+        def hook(mod, args):
+            self.slot_acc[(kind, j)].add_batch(args[0].to(self.device), self.mask.to(self.device))
+        return hook
+
+    def slot_hessians(self, layer, kind) -> list[torch.Tensor]:
+        """Input Hessians of every linear of `kind`, in linear_slots order."""
+        lin = self.adapter.consumer(layer, kind)
+        return [self.acc[kind].hessian() if getattr(p, n) is lin else self.slot_acc[(kind, j)].hessian()
+                for j, (p, n) in enumerate(self.adapter.linear_slots(layer, kind))]
 
     def _residual_hook(self, kind):
         def hook(mod, args):
@@ -128,6 +169,39 @@ class _Stats:
             h.remove()
 
 
+def sparse_weights(block, adapter, kind: str, level: float, H_slots: list[torch.Tensor], damp: float):
+    """SparseGPT weights (each (out, in) float64, zeros included) of the module's linears at `level`."""
+    return [sparsegpt(getattr(p, n).weight, H, level, damp=damp)
+            for (p, n), H in zip(adapter.linear_slots(block, kind), H_slots)]
+
+
+@torch.no_grad()
+def _sparse_errors(block, adapter, kind, levels, H_slots, val: BlockInputs, damp) -> list[float]:
+    """Held-out error of the module with its linears sparsified at each level: mean over real tokens of
+    ||y - y_sparse||^2 at the consumer's output, the same quantity as the structured levels' error (there
+    ||(W - W_hat) x||^2 of the consumer), so the DP can weigh both kinds of option in one currency."""
+    def consumer_outputs(b):
+        got = []
+        h = adapter.consumer(b, kind).register_forward_hook(lambda m, a, y: got.append(y))
+        try:
+            for x, a, kw, m in zip(val.hidden, val.args, val.kwargs, val.masks):
+                b(x, *a, **kw)                                       # the hook appends (B, T, d)
+                got[-1] = got[-1][m].double()                        # (tokens, d) real tokens only
+        finally:
+            h.remove()
+        return got
+
+    ref = consumer_outputs(block)
+    n = sum(r.shape[0] for r in ref)
+    errs = []
+    for lv in levels:
+        b2 = copy.deepcopy(block)
+        for (p, name), W in zip(adapter.linear_slots(b2, kind), sparse_weights(block, adapter, kind, lv, H_slots, damp)):
+            getattr(p, name).weight.copy_(W.to(getattr(p, name).weight.dtype))
+        errs.append(float(sum(((a - b) ** 2).sum() for a, b in zip(consumer_outputs(b2), ref)) / max(n, 1)))
+    return errs
+
+
 def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[int]], cfg: DatabaseConfig,
           identity: dict, progress: bool = True) -> Database:
     """Build (or resume) the database for `model` on calibration `batches`.
@@ -139,6 +213,7 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     blocks = adapter.layers(model)
+    sparse_levels = [float(x) for x in levels.get("sparse", [])]
     want = {"kind": "ObsDatabase", "schema_version": SCHEMA_VERSION, "identity": identity,
             "config": cfg.to_dict(), "levels": levels, "n_layers": len(blocks)}
     index = None
@@ -171,13 +246,13 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
             val = val.with_hidden(new_val) if new_val is not None else train
             bar.update()
             continue
-        st_train = _Stats(block, adapter, dev)
+        st_train = _Stats(block, adapter, dev, slots=bool(sparse_levels))
         out_train = st_train.run(block, train)
         st_train.close()
         if val is train:
             st_val, out_val = st_train, out_train
         else:
-            st_val = _Stats(block, adapter, dev)
+            st_val = _Stats(block, adapter, dev, slots=bool(sparse_levels))
             out_val = st_val.run(block, val)
             st_val.close()
         tensors, entry = {}, {}
@@ -209,6 +284,16 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
                            "module_energy": obs.output_energy(W, H_va),
                            "residual_energy": st_val.res[kind] / max(st_val.n_res[kind], 1),
                            "group_size": gs, "n_groups": n_groups, "tokens_train": n_tr, "tokens_val": n_va}
+            if sparse_levels:
+                H_slots = st_train.slot_hessians(block, kind)
+                entry[kind]["sparse"] = {"levels": sparse_levels, "val_error": _sparse_errors(
+                    block, adapter, kind, sparse_levels, H_slots, val, cfg.damp)}
+                n_slots = len(H_slots)
+                for j, Hs in enumerate(H_slots[:-1]):
+                    if val is not train:
+                        Hs = (Hs * n_tr + st_val.slot_acc[(kind, j)].hessian() * n_va) / (n_tr + n_va)
+                    tensors[f"{kind}.H_slot{j}"] = Hs.float().cpu().contiguous()
+                assert n_slots - 1 == len([k for k in tensors if k.startswith(f"{kind}.H_slot")])
         with io.atomic_path(out / f"layer_{i}.safetensors") as tmp:
             save_file(tensors, str(tmp))
         index["layers"][str(i)] = entry

@@ -20,9 +20,11 @@ def profile_identity(p: LatencyProfile, path=None) -> dict:
             "method": p.method, "base": p.base["median"], "constant": p.constant, "created": p.created}
 
 
-def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = None):
-    """groups [(layer, kind)], and per group (widths, times, errors) arrays."""
-    groups, widths, times, errors = [], [], [], []
+def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = None, sparse: bool = True):
+    """groups [(layer, kind)], and per group (widths, sparsities, times, errors) arrays. Structured options
+    have sparsity 0; a sparse option keeps the module's full width with its linears at that sparsity, and
+    exists where both the database and the profile have the level (one DP weighs both kinds)."""
+    groups, widths, levels, times, errors = [], [], [], [], []
     for l in range(db.n_layers):
         for kind in KINDS:
             errs = db.errors(l, kind, norm)
@@ -32,16 +34,23 @@ def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = 
                 raise UnreachableTarget(f"layer {l} {kind}: no database level is on the profile's width grid; "
                                         f"profile with the same --ffn-step as the database")
             c = (scale or {}).get((l, kind), 1.0)
+            opt = [(w, 0.0, mt.time_at(w), errs[w]) for w in ws]
+            full = max(errs)
+            for lv, e in (db.sparse_errors(l, kind, norm) if sparse and full else {}).items():
+                t = prof.sparse_time(kind, lv)
+                if t is not None:
+                    opt.append((full, lv, t, e))
             groups.append((l, kind))
-            widths.append(np.array(ws))
-            times.append(np.array([mt.time_at(w) for w in ws]))
-            errors.append(np.array([c * errs[w] for w in ws]))
-    return groups, widths, times, errors
+            widths.append(np.array([o[0] for o in opt]))
+            levels.append(np.array([o[1] for o in opt]))
+            times.append(np.array([o[2] for o in opt]))
+            errors.append(np.array([c * o[3] for o in opt]))
+    return groups, widths, levels, times, errors
 
 
 def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residual", n_buckets: int = 10_000,
                 model_info: dict | None = None, profile_path=None, extra_options: dict | None = None) -> list[Plan]:
-    groups, widths, times, errors = options(db, prof, norm)
+    groups, widths, levels, times, errors = options(db, prof, norm)
     base = prof.base["median"]
     fastest = prof.constant + solver.min_time(times)
     max_speedup = base / fastest if fastest > 0 else float("inf")
@@ -57,11 +66,13 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
     plans = []
     for t, sol in zip(targets, sols):
         layers = [dict() for _ in range(db.n_layers)]
-        for (l, kind), w, tm, er, o in zip(groups, widths, times, errors, sol.choices):
+        for (l, kind), w, lv, tm, er, o in zip(groups, widths, levels, times, errors, sol.choices):
             key = "heads" if kind == "attn" else "ffn"
             layers[l][key] = int(w[o])
             layers[l][f"{kind}_time"] = float(tm[o])
             layers[l][f"{kind}_error"] = float(er[o])
+            if lv[o] > 0:                                      # a sparse option won: the plan says so
+                layers[l][f"{kind}_sparsity"] = float(lv[o])
         pred = prof.constant + sol.time
         plans.append(Plan(method="planner", target_speedup=float(t), predicted_time=float(pred),
                           predicted_speedup=float(base / pred), base_time=float(base), layers=layers,
@@ -98,11 +109,20 @@ def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=
                 total_error=0.0, profile=profile_identity(prof, profile_path), model=model_info or {})
 
 
+def layer_cell(plan_layer: dict, kind: str) -> str:
+    """"12" (kept width) or "1536@s90" (full width, the module's linears 90% sparse)."""
+    key = "heads" if kind == "attn" else "ffn"
+    sp = plan_layer.get(f"{kind}_sparsity", 0)
+    return f"{plan_layer[key]}" + (f"@s{sp * 100:g}" if sp else "")
+
+
 def format_plan_table(plans: list[Plan]) -> str:
     """Per-layer kept heads / FFN width for each target, side by side."""
     head = "layer " + " ".join(f"{p.target_speedup:>5g}x heads/ffn" for p in plans)
     rows = [head]
+    cell = layer_cell
     for l in range(len(plans[0].layers)):
-        rows.append(f"{l:5d} " + " ".join(f"{p.layers[l]['heads']:>8d}/{p.layers[l]['ffn']:<7d}" for p in plans))
+        rows.append(f"{l:5d} " + " ".join(f"{cell(p.layers[l], 'attn'):>8}/{cell(p.layers[l], 'ffn'):<7}"
+                                          for p in plans))
     rows.append("pred  " + " ".join(f"{p.predicted_speedup:>14.2f}x " for p in plans))
     return "\n".join(rows)

@@ -103,10 +103,16 @@ def plan_widths(plans: list[Plan]) -> Figure:
     width = 0.8 / len(shown)
     cmap = {t: c for t, c in zip(sorted({p.target_speedup for p in plans}), _COLORS)}
     for ax, key, label in zip(axes, ("heads", "ffn"), ("kept attention heads", "kept FFN neurons")):
+        kind = "attn" if key == "heads" else "ffn"
         for j, p in enumerate(shown):
             vals = [l[key] for l in p.layers]
-            ax.bar(x - 0.4 + width * (j + 0.5), vals, width, color=cmap[p.target_speedup],
-                   label=f"{p.target_speedup:g}x (pred {p.predicted_speedup:.2f}x)")
+            bars = ax.bar(x - 0.4 + width * (j + 0.5), vals, width, color=cmap[p.target_speedup],
+                          label=f"{p.target_speedup:g}x (pred {p.predicted_speedup:.2f}x)")
+            for b, l in zip(bars, p.layers):                 # a sparse module: full width, hatched, level on top
+                if l.get(f"{kind}_sparsity"):
+                    b.set_hatch("///")
+                    ax.annotate(f"s{l[f'{kind}_sparsity'] * 100:g}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=6)
         for p in base if own else []:
             ax.hlines(p.layers[0][key], -0.5, n_layers - 0.5, colors=cmap[p.target_speedup], linestyles="--",
                       lw=1, label=f"{p.method} {p.target_speedup:g}x")

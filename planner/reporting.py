@@ -18,6 +18,7 @@ import numpy as np
 
 from . import io, plots
 from .errors import PlannerError
+from .planning import layer_cell
 from .types import LatencyProfile, Plan, VerifyReport
 
 KNOWN = {"LatencyProfile": LatencyProfile, "Plan": Plan, "VerifyReport": VerifyReport}
@@ -227,7 +228,7 @@ def _conditions(a: Artefacts) -> str:
 
 def _plans_table(plans: list[Plan]) -> str:
     header = ["layer"] + [f"{p.method} {p.target_speedup:g}x" for p in plans]
-    rows = [[l] + [f"{p.layers[l]['heads']} / {p.layers[l]['ffn']}" for p in plans]
+    rows = [[l] + [f"{layer_cell(p.layers[l], 'attn')} / {layer_cell(p.layers[l], 'ffn')}" for p in plans]
             for l in range(len(plans[0].layers))]
     rows.append(["predicted"] + [f"{p.predicted_speedup:.2f}x" for p in plans])
     return _table(header, rows)
@@ -270,7 +271,7 @@ def render(a: Artefacts, figures: list[tuple[str, str, object]]) -> str:
                        for name, cap, _ in figures)
     body.append("<h2>Figures</h2>" + fig_html)
     if a.plans:
-        body.append("<h2>Per-layer plans (kept heads / FFN neurons)</h2>" + _plans_table([p for _, p in a.plans]))
+        body.append("<h2>Per-layer plans (kept heads / FFN neurons; @sN: full width, linears N% sparse)</h2>" + _plans_table([p for _, p in a.plans]))
     body.append("<h2>Conditions of every measurement</h2>" + _conditions(a))
     files = [_rel(p, a.root) for p, _ in a.profiles] + [_rel(p, a.root) for p, _ in a.plans] + \
         [_rel(x[0], a.root) for x in a.reports]

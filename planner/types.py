@@ -115,6 +115,16 @@ class LatencyProfile(_JSON):
     def times(self, kind: str) -> ModuleTimes:
         return ModuleTimes(**self.modules[kind])
 
+    def sparse_time(self, kind: str, level: float) -> float | None:
+        """Seconds of `kind` at full width with its linears at sparsity `level` (None: not timed)."""
+        s = self.sparse.get(kind)
+        if not s:
+            return None
+        for lv, t in zip(s["levels"], s["median"]):
+            if abs(lv - level) < 1e-9:
+                return float(t)
+        return None
+
     def sparse_crossover(self, kind: str) -> float | None:
         """The lowest timed sparsity at which `kind` on a sparse kernel is faster than dense (None: never)."""
         s = self.sparse.get(kind)
@@ -132,7 +142,13 @@ class LatencyProfile(_JSON):
         """Predicted seconds of a model whose layer i keeps layers[i]['heads'] heads and ['ffn'] neurons."""
         t = self.constant
         for spec in layers:
-            t += self.times("attn").time_at(spec["heads"]) + self.times("ffn").time_at(spec["ffn"])
+            for kind, key in (("attn", "heads"), ("ffn", "ffn")):
+                lv = spec.get(f"{kind}_sparsity", 0.0)
+                st = self.sparse_time(kind, lv) if lv else None
+                if lv and st is None:
+                    raise PlannerError(f"the profile has no {kind} timing at sparsity {lv:g}: profile with "
+                                       f"--sparsity {lv:g}")
+                t += st if lv else self.times(kind).time_at(spec[key])
         return t
 
     def max_speedup(self) -> float:
@@ -164,7 +180,9 @@ class Plan(_JSON):
 
     @property
     def kept(self) -> list[dict]:
-        return [{"heads": int(l["heads"]), "ffn": int(l["ffn"])} for l in self.layers]
+        """Per layer {"heads", "ffn"} plus "attn_sparsity"/"ffn_sparsity" where a sparse option was chosen."""
+        return [{"heads": int(l["heads"]), "ffn": int(l["ffn"]),
+                 **{k: float(l[k]) for k in ("attn_sparsity", "ffn_sparsity") if l.get(k)}} for l in self.layers]
 
 
 @dataclass(frozen=True)

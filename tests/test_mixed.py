@@ -1,0 +1,102 @@
+"""Mixed plans: structured widths and sparse levels offered to one DP, end to end on a tiny model.
+
+The tiny model's sparse timings are noise, so the profile's sparse times are set by hand (cheap, so the DP
+has a reason to pick them); everything else (database, SparseGPT weights, apply, save, load) is real."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import planner
+from planner.config import PlanConfig, ProfileConfig
+from planner.database import Database
+from planner.planning import options
+from planner.solver import solve
+from planner.types import LatencyProfile
+
+from .test_solver import brute_force
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tiny_bert, calib_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    prof, _ = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0,
+                                                       sparsity=(0.5, 0.9)), out=tmp / "real.json", progress=False)
+    dense = {k: prof.times(k).monotone[-1] for k in ("attn", "ffn")}
+    # sparse FFN almost free (5% / 2% of dense: cheaper than keeping 32 of 128 neurons), sparse attention
+    # slower than dense: the DP has a reason to take the one and never the other
+    sp = {"ffn": {"levels": [0.5, 0.9], "kernels": ["csr"] * 2, "median": [0.05 * dense["ffn"], 0.02 * dense["ffn"]],
+                  "spread": [0.0, 0.0]},
+          "attn": {"levels": [0.5, 0.9], "kernels": ["csr"] * 2, "median": [1.3 * dense["attn"]] * 2,
+                   "spread": [0.0, 0.0]}}
+    prof = dataclasses.replace(prof, sparse=sp)
+    ppath = prof.save(tmp / "p.json")
+    target = round(min(1.6, 0.7 * prof.max_speedup()), 2)
+    plans = planner.plan(tiny_bert, ppath, PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64),
+                         tmp / "run", progress=False)
+    return tmp, prof, ppath, plans[0]
+
+
+def test_database_scores_sparse_levels(mixed_run):
+    tmp, prof, _, plan = mixed_run
+    db = Database(tmp / "run" / "db")
+    assert db.index["levels"]["sparse"] == [0.5, 0.9]
+    for l in range(db.n_layers):
+        for kind in ("attn", "ffn"):
+            e = db.sparse_errors(l, kind)
+            assert set(e) == {0.5, 0.9} and 0 < e[0.5] < e[0.9]      # more sparsity, more error
+            n = 4 if kind == "attn" else 2
+            assert [tuple(H.shape) for H in db.slot_hessians(l, kind, n)][-1] == tuple(db.tensors(l)[f"{kind}.H"].shape)
+
+
+def test_dp_over_mixed_options_is_exact(mixed_run):
+    tmp, prof, _, plan = mixed_run
+    db = Database(tmp / "run" / "db")
+    groups, widths, levels, times, errors = options(db, prof, "residual")
+    assert all(len(set(zip(w, lv))) == len(w) for w, lv in zip(widths, levels))     # no option listed twice
+    assert any((lv > 0).any() for lv in levels)
+    budget = prof.base["median"] / plan.target_speedup - prof.constant
+    n_buckets = 2000
+    sol = solve(times, errors, [budget], n_buckets=n_buckets)[0]
+    bucket = budget / n_buckets
+    rounded = [np.ceil(np.asarray(t) / bucket) for t in times]
+    best, _ = brute_force(rounded, errors, math.floor(budget / bucket))
+    assert sol.error == pytest.approx(best, abs=1e-12)
+    assert sol.error == pytest.approx(plan.total_error, rel=1e-9)
+
+
+def test_sparse_choice_is_applied_saved_and_predicted(mixed_run, tiny_bert):
+    tmp, prof, ppath, plan = mixed_run
+    chosen = [l.get("ffn_sparsity") for l in plan.layers]
+    assert any(chosen), "with FFN sparsity this cheap the DP should pick it somewhere"
+    assert not any(l.get("attn_sparsity") for l in plan.layers)   # slower than dense: never chosen
+    out, model = planner.apply(tiny_bert, plan, tmp / "m", progress=False)
+    adapter = planner.models.load_model(out)[1]
+    assert [s.to_dict() for s in adapter.spec(model)] == plan.kept
+    assert prof.predict(plan.kept) == pytest.approx(plan.predicted_time, rel=1e-9)
+    m2 = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    for i, lv in enumerate(chosen):
+        lin = m2.encoder.layer[i].output.dense
+        if lv:
+            assert type(lin).__name__ == "PlannerCsrLinear" and lin.sparsity == lv
+            w = lin.weight
+            assert float((w == 0).sum()) / w.numel() >= lv - 0.01
+    x = {"input_ids": torch.randint(5, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(m2(**x).last_hidden_state, model(**x).last_hidden_state, rtol=1e-4, atol=1e-5)
+    rep = planner.verify(tiny_bert, out, planner.VerifyConfig(batch_size=4, seq_len=32, reps=3, n_text=16),
+                         profile_path=ppath, progress=False)
+    assert rep.predicted_speedup == pytest.approx(prof.base["median"] / plan.predicted_time, rel=1e-9)
+
+
+def test_structured_only_when_asked(mixed_run, tiny_bert, calib_file):
+    tmp, prof, ppath, plan = mixed_run
+    plans = planner.plan(tiny_bert, ppath, PlanConfig(targets=(plan.target_speedup,), calib_path=str(calib_file),
+                                                      n_calib=64, sparse=False), tmp / "run-structured",
+                         progress=False)
+    assert not any(k.endswith("_sparsity") for l in plans[0].layers for k in l)
+    assert "sparse" not in Database(tmp / "run-structured" / "db").index["levels"]
+    assert plans[0].total_error >= plan.total_error - 1e-12         # more options never hurt the DP
