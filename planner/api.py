@@ -101,9 +101,73 @@ def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True) -> l
              "calib_batch": cfg.calib_batch, "damp": cfg.damp, "val_fraction": cfg.val_fraction,
              "weights": "sequential" if cfg.sequential else "obs", "sparse": cfg.sparse}
     plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib)
+    if cfg.search:
+        plans = [_searched(p, model_path, db, prof, cfg, info, profile_path, calib, out_dir, progress) for p in plans]
     for p in plans:
         p.save(out_dir / plan_name(p))
     return plans
+
+
+def _searched(plain: Plan, model_path, db, prof, cfg: PlanConfig, info, profile_path, calib, out_dir,
+              progress) -> Plan:
+    """SPDY search for one target: the plan whose stitched model has the lowest calibration loss among
+    cfg.search candidates (the plain DP's plan is the first, so the result is never worse on that loss)."""
+    import dataclasses
+
+    from .planning import plan_key
+    from .search import search
+    from .types import KINDS
+    groups = [(l, k) for l in range(db.n_layers) for k in KINDS]
+    loss_of = _stitched_loss(model_path, db, cfg)
+    by_key = {plan_key(plain): plain}
+
+    def solve(c):
+        p = solve_plans(db, prof, [plain.target_speedup], cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
+                        scale=dict(zip(groups, c)))[0]
+        by_key.setdefault(plan_key(p), p)
+        return plan_key(p)
+
+    seconds = cfg.search_minutes * 60 if cfg.search_minutes else None
+    identity = {"database": db.index["identity"], "target": plain.target_speedup, "profile": plain.profile["created"],
+                "norm": cfg.error_norm}
+    res = search(len(groups), solve, lambda key: loss_of(by_key[key]), cfg.search, seconds,
+                 out_dir / "search" / f"search-{plain.target_speedup:g}x.json", progress=progress, identity=identity)
+    best_key = tuple(res.history[min(range(len(res.history)), key=lambda i: res.history[i]["loss"])]["plan_key"])
+    if best_key not in by_key:                 # resumed: the winner came from the state file, not this session
+        solve(np.asarray(res.coefs))
+    best = by_key.get(best_key, plain)
+    record = {"candidates": res.n_candidates, "evaluated": res.n_evaluated, "loss_dp": res.loss_dp,
+              "loss": res.loss, "coefficients": {f"{l}.{k}": c for (l, k), c in zip(groups, res.coefs)},
+              "total_error_dp": plain.total_error}
+    return dataclasses.replace(best, options={**best.options, "search": record})
+
+
+def _stitched_loss(model_path, db: Database, cfg: PlanConfig):
+    """plan -> relative error of the last hidden states of the stitched model (OBS weights from the database)
+    against the dense model, on the held-back calibration passages: Σ‖h − h_dense‖² / Σ‖h_dense − mean‖²."""
+    from .apply import apply_
+    from .database import _split
+    dense, adapter = load_model(model_path, device=cfg.device)
+    batches, _ = calibration_batches(model_path, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
+    val = _split(batches, cfg.val_fraction)[1]
+
+    @torch.no_grad()
+    def last_hidden(m):
+        out = []
+        for b in val:
+            ids, mask = b["input_ids"].to(cfg.device), b["attention_mask"].to(cfg.device)
+            h = adapter.distill_outputs(m, ids, mask)["hidden"][-1]
+            out.append(h[mask.bool()].double())                      # (tokens, d)
+        return out
+
+    ref = last_hidden(dense)
+    den = sum(float(((r - r.mean(0)) ** 2).sum()) for r in ref)
+
+    def loss(plan: Plan) -> float:
+        m = copy.deepcopy(dense)
+        apply_(m, adapter, plan, select="obs", weights="obs", db=db, damp=cfg.damp, progress=False)
+        return sum(float(((h - r) ** 2).sum()) for h, r in zip(last_hidden(m), ref)) / max(den, 1e-30)
+    return loss
 
 
 def plan_name(p: Plan) -> str:

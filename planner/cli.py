@@ -151,6 +151,10 @@ def _plan_opts(f):
         click.option("--allow-other-machine", is_flag=True, help="accept a profile measured on another machine"),
         click.option("--sparse/--no-sparse", default=PlanConfig.sparse, show_default=True,
                      help="also offer the sparse levels the profile timed (profile --sparsity), per module"),
+        click.option("--search", default=PlanConfig.search, show_default=True, metavar="N",
+                     help="SPDY search: score N candidate plans per target by the stitched model's calibration "
+                          "loss and keep the best (0: the plain DP); resumable"),
+        click.option("--search-minutes", type=float, default=None, help="time budget of the search per target"),
     ]):
         f = opt(f)
     return f
@@ -160,7 +164,7 @@ def _plan_cfg(targets, kw, device="cpu") -> PlanConfig:
     return PlanConfig(targets=tuple(targets), calib_path=str(kw["calib"]) if kw["calib"] else None,
                       n_calib=kw["n_calib"], error_norm=kw["error_norm"], val_fraction=kw["val_fraction"],
                       sequential=kw["sequential"], allow_other_machine=kw["allow_other_machine"], device=device,
-                      sparse=kw["sparse"])
+                      sparse=kw["sparse"], search=kw["search"], search_minutes=kw["search_minutes"])
 
 
 def _recover_opts(prefix: str = "", full: bool = True):

@@ -60,6 +60,8 @@ class PlanConfig:
                                     # "module": ZipLM's ‖ΔWx‖²/‖Wx‖²
     sequential: bool = True         # at apply: re-fit kept weights on inputs from the already-compressed layers
     sparse: bool = True             # also offer the DP the sparse levels the profile timed (SparseGPT weights)
+    search: int = 0                 # SPDY search: candidates per target scored by stitched calibration loss (0: off)
+    search_minutes: float | None = None   # stop generating candidates after this long (per target)
     n_buckets: int = 10_000
     device: str = "cpu"
     allow_other_machine: bool = False
@@ -73,6 +75,8 @@ class PlanConfig:
         _check(self.error_norm in ("residual", "module"), "--error-norm must be 'residual' or 'module'")
         _check(self.n_buckets >= 100, "--buckets must be >= 100")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
+        _check(self.search >= 0, "--search must be >= 0")
+        _check(self.search_minutes is None or self.search_minutes > 0, "--search-minutes must be > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

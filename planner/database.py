@@ -51,6 +51,7 @@ class Database:
     def __init__(self, path):
         self.path = Path(path)
         self.index = io.read_json(self.path / "index.json", "OBS database index")
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
         io.check_schema(self.index, "ObsDatabase", SCHEMA_VERSION, self.path)
 
     @property
@@ -84,9 +85,13 @@ class Database:
         return [t[f"{kind}.H"].double() if j == last else t[f"{kind}.H_slot{j}"].double() for j in range(n_slots)]
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """Block `layer`'s Hessians and orders, read once and kept (the search stitches many plans)."""
+        if layer in self._cache:
+            return self._cache[layer]
         p = self.path / f"layer_{layer}.safetensors"
         try:
-            return load_file(str(p))
+            self._cache[layer] = load_file(str(p))
+            return self._cache[layer]
         except Exception as e:
             raise PlannerError(f"OBS database file {p} is missing or corrupted ({type(e).__name__}): "
                                f"delete {self.path} and rerun `planner plan`") from None

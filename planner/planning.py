@@ -49,8 +49,10 @@ def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = 
 
 
 def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residual", n_buckets: int = 10_000,
-                model_info: dict | None = None, profile_path=None, extra_options: dict | None = None) -> list[Plan]:
-    groups, widths, levels, times, errors = options(db, prof, norm)
+                model_info: dict | None = None, profile_path=None, extra_options: dict | None = None,
+                scale: dict | None = None) -> list[Plan]:
+    """One plan per target from one DP; `scale` {(layer, kind): c} multiplies a group's errors (SPDY search)."""
+    groups, widths, levels, times, errors = options(db, prof, norm, scale)
     base = prof.base["median"]
     fastest = prof.constant + solver.min_time(times)
     max_speedup = base / fastest if fastest > 0 else float("inf")
@@ -107,6 +109,12 @@ def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=
     return Plan(method=method, target_speedup=float(target), predicted_time=float(pred),
                 predicted_speedup=float(prof.base["median"] / pred), base_time=prof.base["median"], layers=layers,
                 total_error=0.0, profile=profile_identity(prof, profile_path), model=model_info or {})
+
+
+def plan_key(p: Plan) -> tuple:
+    """What makes two plans the same architecture: per layer kept widths and sparsity levels."""
+    return tuple(v for l in p.layers for v in (int(l["heads"]), int(l["ffn"]), int(round(1e4 * l.get("attn_sparsity", 0))),
+                                              int(round(1e4 * l.get("ffn_sparsity", 0)))))
 
 
 def layer_cell(plan_layer: dict, kind: str) -> str:

@@ -1,0 +1,93 @@
+"""SPDY search: never worse than the plain DP on its loss, finds better plans where they exist, resumes to
+the same sequence, and is wired into `planner plan --search`."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import planner
+from planner.cli import main
+from planner.config import PlanConfig, ProfileConfig
+from planner.search import search
+from planner.solver import solve
+
+
+def _toy(seed=0, G=6, n_opt=5):
+    """A DP instance whose reported errors are mis-scaled against a hidden true loss: the search's job."""
+    rng = np.random.default_rng(seed)
+    times = [np.sort(rng.uniform(0, 1, n_opt)) for _ in range(G)]
+    errors = [np.sort(rng.uniform(0, 1, n_opt))[::-1].copy() for _ in range(G)]
+    true_w = rng.uniform(0.1, 5.0, G)                      # how much each group really matters
+    budget = 0.5 * sum(t.max() for t in times)
+
+    def solve_c(c):
+        return solve(times, [e * ci for e, ci in zip(errors, c)], [budget], n_buckets=500)[0].choices
+
+    def loss(key):
+        return float(sum(w * e[o] for w, e, o in zip(true_w, errors, key)))
+    return solve_c, loss, G
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_never_worse_than_plain_dp_and_usually_better(seed):
+    solve_c, loss, G = _toy(seed)
+    res = search(G, solve_c, loss, n=40, seed=seed, progress=False)
+    assert res.loss_dp == pytest.approx(loss(solve_c(np.ones(G))))
+    assert res.loss <= res.loss_dp
+    assert res.loss == pytest.approx(min(h["loss"] for h in res.history))
+    assert res.loss == pytest.approx(loss(solve_c(np.asarray(res.coefs))))   # the coefficients reproduce it
+
+
+def test_search_improves_on_misweighted_errors():
+    gains = []
+    for seed in range(5):
+        solve_c, loss, G = _toy(seed)
+        r = search(G, solve_c, loss, n=40, seed=seed, progress=False)
+        gains.append(r.loss < r.loss_dp - 1e-12)
+    assert sum(gains) >= 3
+
+
+def test_resume_replays_to_the_same_result(tmp_path):
+    solve_c, loss, G = _toy(3)
+    full = search(G, solve_c, loss, n=30, seed=1, progress=False)
+    assert full.n_evaluated >= 4
+    calls = {"n": 0}
+
+    def flaky(key):
+        calls["n"] += 1
+        if calls["n"] == full.n_evaluated // 2 + 1:
+            raise KeyboardInterrupt
+        return loss(key)
+    state = tmp_path / "s.json"
+    with pytest.raises(KeyboardInterrupt):
+        search(G, solve_c, flaky, n=30, seed=1, state_path=state, progress=False)
+    assert 0 < len(json.loads(state.read_text())["history"]) < 30
+    counted = {"n": 0}
+
+    def counting(key):
+        counted["n"] += 1
+        return loss(key)
+    resumed = search(G, solve_c, counting, n=30, seed=1, state_path=state, progress=False)
+    assert resumed.history == full.history and resumed.coefs == full.coefs
+    assert counted["n"] < full.n_evaluated                  # the finished part was not scored again
+
+
+def test_plan_with_search_on_tiny_model(tiny_bert, calib_file, tmp_path):
+    prof, ppath = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0),
+                                  out=tmp_path / "p.json", progress=False)
+    t = round(min(1.5, 0.7 * prof.max_speedup()), 2)
+    base = PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=64)
+    plain = planner.plan(tiny_bert, ppath, base, tmp_path / "plain", progress=False)[0]
+    r = CliRunner().invoke(main, ["plan", str(tiny_bert), "--profile", str(ppath), "-x", str(t), "--calib",
+                                  str(calib_file), "--n-calib", "64", "--search", "12", "--out", str(tmp_path / "s"),
+                                  "-q", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)[0]
+    rec = p["options"]["search"]
+    assert rec["candidates"] == 12 and rec["loss"] <= rec["loss_dp"]
+    assert rec["total_error_dp"] == pytest.approx(plain.total_error)
+    assert p["predicted_time"] <= prof.base["median"] / t + 1e-12                 # still within the budget
+    assert (tmp_path / "s" / "search" / f"search-{t:g}x.json").exists()
+    out, _ = planner.apply(tiny_bert, tmp_path / "s" / f"plan-{t:g}x.json", tmp_path / "m", progress=False)
+    assert (out / "config.json").exists()
