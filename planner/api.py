@@ -83,8 +83,9 @@ def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, pr
                     identity, progress)
 
 
-def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True) -> list[Plan]:
-    """Build (or reuse) the OBS database under out_dir/db and write one Plan per target: out_dir/plan-<t>x.json."""
+def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True, db_dir=None) -> list[Plan]:
+    """Build (or reuse) the OBS database (under out_dir/db, or db_dir) and write one Plan per target:
+    out_dir/plan-<t>x.json."""
     prof = LatencyProfile.load(profile_path)
     model, adapter = load_model(model_path)
     check_profile(prof, adapter.shape(model), prof.hardware.get("device", "cpu"), cfg.allow_other_machine)
@@ -95,7 +96,7 @@ def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True) -> l
         raise UnreachableTarget(f"speedup {max(too_far):g}x is not reachable with this profile: the largest "
                                 f"reachable speedup is {prof.max_speedup():.2f}x")
     out_dir = Path(out_dir)
-    db = build_database(model_path, prof, cfg, out_dir / "db", progress)
+    db = build_database(model_path, prof, cfg, Path(db_dir) if db_dir else out_dir / "db", progress)
     info = {"path": str(model_path), "fingerprint": fingerprint(model_path)}
     calib = {"calib_path": cfg.calib_path, "n_calib": cfg.n_calib, "calib_max_len": cfg.calib_max_len,
              "calib_batch": cfg.calib_batch, "damp": cfg.damp, "val_fraction": cfg.val_fraction,
