@@ -115,13 +115,13 @@ class LatencyProfile(_JSON):
     def times(self, kind: str) -> ModuleTimes:
         return ModuleTimes(**self.modules[kind])
 
-    def sparse_time(self, kind: str, level: float) -> float | None:
-        """Seconds of `kind` at full width with its linears at sparsity `level` (None: not timed)."""
+    def sparse_time(self, kind: str, level: float, kernel: str = "csr") -> float | None:
+        """Seconds of `kind` at full width with its linears at sparsity `level` on `kernel` (None: not timed)."""
         s = self.sparse.get(kind)
         if not s:
             return None
-        for lv, t in zip(s["levels"], s["median"]):
-            if abs(lv - level) < 1e-9:
+        for lv, k, t in zip(s["levels"], s["kernels"], s["median"]):
+            if abs(lv - level) < 1e-9 and k == kernel:
                 return float(t)
         return None
 
