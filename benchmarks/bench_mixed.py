@@ -21,6 +21,21 @@ from planner.pipeline import default_model
 from planner.types import LatencyProfile, Plan, VerifyReport
 
 
+def _sparse_uniform(work: Path, prof: LatencyProfile) -> Plan:
+    """Not a planned architecture: every FFN at the sparsest timed level, attention dense, SparseGPT weights
+    from the mixed database. It checks that a sparse layer is measured as fast as the profile predicts."""
+    import dataclasses
+    mixed = Plan.load(sorted((work / "plans-mixed").glob("plan-*.json"))[0])     # its database and options
+    lv = max(prof.sparse["ffn"]["levels"])
+    H, F = prof.arch.n_heads, prof.arch.ffn
+    layers = [{"heads": H, "ffn": F, "ffn_sparsity": lv, "attn_time": prof.times("attn").time_at(H),
+               "ffn_time": prof.sparse_time("ffn", lv), "attn_error": 0.0, "ffn_error": 0.0}] * prof.arch.n_layers
+    pred = prof.predict(layers)
+    return dataclasses.replace(mixed, method="sparse-uniform", layers=layers, predicted_time=pred,
+                               predicted_speedup=prof.base["median"] / pred, target_speedup=round(
+                                   prof.base["median"] / pred, 2), total_error=0.0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -32,7 +47,9 @@ def main():
     ap.add_argument("--sparsity", default="0.5,0.7,0.9,0.95")
     ap.add_argument("--search", type=int, default=40)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--variants", default="structured,mixed,search")
+    ap.add_argument("--rounds", type=int, default=ProfileConfig.rounds, help="profile rounds")
+    ap.add_argument("--variants", default="structured,mixed,search,sparse-uniform",
+                    help="sparse-uniform: every FFN at the sparsest level (needs the mixed plans)")
     a = ap.parse_args()
     hardware.set_threads(a.threads)
     model = Path(a.model) if a.model else default_model()
@@ -41,6 +58,7 @@ def main():
     if not ppath.exists():
         print("profiling (with sparse levels)...", flush=True)
         planner.profile(model, ProfileConfig(batch_size=a.batch_size, seq_len=a.seq_len, threads=a.threads,
+                                             rounds=a.rounds,
                                              sparsity=tuple(float(x) for x in a.sparsity.split(","))), out=ppath)
     prof = LatencyProfile.load(ppath)
     print(prof.conditions)
@@ -54,12 +72,15 @@ def main():
     rows = []
     dense_model = planner.load(model)
     for name in a.variants.split(","):
-        kw = variants[name]
-        out = work / f"plans-{name}"
-        plans = [Plan.load(out / f"plan-{t:g}x.json") for t in a.targets] \
-            if all((out / f"plan-{t:g}x.json").exists() for t in a.targets) else \
-            planner.plan(model, ppath, PlanConfig(targets=tuple(a.targets), **kw), out,
-                         db_dir=work / ("db-mixed" if kw["sparse"] else "db-structured"))
+        if name == "sparse-uniform":
+            plans = [_sparse_uniform(work, prof)]
+        else:
+            kw = variants[name]
+            out = work / f"plans-{name}"
+            plans = [Plan.load(out / f"plan-{t:g}x.json") for t in a.targets] \
+                if all((out / f"plan-{t:g}x.json").exists() for t in a.targets) else \
+                planner.plan(model, ppath, PlanConfig(targets=tuple(a.targets), **kw), out,
+                             db_dir=work / ("db-mixed" if kw["sparse"] else "db-structured"))
         for p in plans:
             mdir = work / "models" / f"{name}-{p.target_speedup:g}x"
             if not (mdir / "config.json").exists():

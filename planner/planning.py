@@ -53,6 +53,7 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
                 scale: dict | None = None) -> list[Plan]:
     """One plan per target from one DP; `scale` {(layer, kind): c} multiplies a group's errors (SPDY search)."""
     groups, widths, levels, times, errors = options(db, prof, norm, scale)
+    raw = options(db, prof, norm)[4] if scale else errors   # plans report unscaled errors
     base = prof.base["median"]
     fastest = prof.constant + solver.min_time(times)
     max_speedup = base / fastest if fastest > 0 else float("inf")
@@ -68,7 +69,7 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
     plans = []
     for t, sol in zip(targets, sols):
         layers = [dict() for _ in range(db.n_layers)]
-        for (l, kind), w, lv, tm, er, o in zip(groups, widths, levels, times, errors, sol.choices):
+        for (l, kind), w, lv, tm, er, o in zip(groups, widths, levels, times, raw, sol.choices):
             key = "heads" if kind == "attn" else "ffn"
             layers[l][key] = int(w[o])
             layers[l][f"{kind}_time"] = float(tm[o])
@@ -78,7 +79,8 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
         pred = prof.constant + sol.time
         plans.append(Plan(method="planner", target_speedup=float(t), predicted_time=float(pred),
                           predicted_speedup=float(base / pred), base_time=float(base), layers=layers,
-                          total_error=float(sol.error), profile=profile_identity(prof, profile_path),
+                          total_error=float(sum(e[o] for e, o in zip(raw, sol.choices))),
+                          profile=profile_identity(prof, profile_path),
                           model=model_info or {}, database={"path": str(db.path), **db.index["identity"]},
                           options={"error_norm": norm, "n_buckets": n_buckets, **(extra_options or {})}))
     return plans

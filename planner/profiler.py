@@ -154,7 +154,7 @@ def _fit(prof: LatencyProfile, mixed: list[list[dict]], measured: list[float]) -
         fit.update(offset=offset, scale=scale, loo_max_rel_error=loo)
         cand = _clamped(dataclasses.replace(_scaled(prof, scale), constant=offset + scale * prof.constant))
         err_fit = latency.max_rel_error([cand.predict(m) for m in mixed], measured)
-        if err_fit < err_add and loo < err_add:
+        if scale > 0 and err_fit < err_add and loo < err_add:     # a negative scale is noise, not physics
             corrected, fit["applied"] = cand, True
     fit["variants"] = [{"layers": m, "measured": y, "additive": a, "predicted": corrected.predict(m)}
                        for m, y, a in zip(mixed, measured, additive)]

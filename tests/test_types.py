@@ -120,3 +120,17 @@ def test_profile_fit_rejected_when_it_does_not_help():
     assert not q.fit["applied"]
     assert q.modules == p.modules and q.constant == p.constant
     assert q.fit["max_rel_error"] == pytest.approx(1 / 0.97 - 1, rel=1e-9)
+
+
+def test_profile_fit_never_applies_a_negative_scale():
+    # timings drowned by another process can "fit" a decreasing line; folding it in would make keeping more
+    # neurons look faster (a non-monotone solver curve), so such a correction is rejected outright
+    from planner.profiler import _fit
+    p = _profile(constant=2.0)
+    archs = [[{"heads": h, "ffn": f}] * 2 for h, f in [(1, 0), (2, 64), (3, 64), (0, 128), (4, 0)]]
+    measured = _mixed_truth(p, archs, 20.0, -1.0)        # passes through the dense point: 20 - 10 = 10
+    q = _fit(p, archs, measured)
+    assert q.fit["scale"] < 0 and not q.fit["applied"]
+    for k in ("attn", "ffn"):
+        m = q.times(k).monotone
+        assert all(b >= a for a, b in zip(m, m[1:]))
