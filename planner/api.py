@@ -58,10 +58,10 @@ def list_profiles(root="profiles") -> list[dict]:
     return rows
 
 
-def report(run_dir, out_dir=None) -> Path:
+def report(run_dir, out_dir=None, progress=True) -> Path:
     """Render a run's profile, plans and verify reports as an HTML page with PNG plots; returns index.html."""
     from .reporting import write
-    return write(run_dir, out_dir)
+    return write(run_dir, out_dir, progress=progress)
 
 
 def calibration_batches(model_path, calib_path, n, max_len, batch_size):

@@ -192,7 +192,7 @@ def _recover_opts(prefix: str = "", full: bool = True):
             click.option("--logit-weight", default=R.logit_weight, show_default=True,
                          help="KL of the head's logits (models with a head)"),
             click.option("--embed-weight", default=R.embed_weight, show_default=True,
-                         help="in-batch similarity KL + cosine of sentence embeddings (bare encoders)"),
+                         help="cosine distance of the pooled sentence embeddings (bare encoders)"),
             click.option("--task-weight", default=R.task_weight, show_default=True,
                          help="cross-entropy on labels ('text<TAB>label' data; classification heads)"),
             click.option("--concat", default=R.concat, show_default=True,
@@ -341,7 +341,8 @@ def run(model, targets, out, no_baseline, quiet, **kw):
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="output directory for index.html and the PNG plots (default: RUN_DIR/report)")
 @click.option("--json", "as_json", is_flag=True, help="print what was written as JSON")
-def report(run_dir, out, as_json):
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+def report(run_dir, out, as_json, quiet):
     """Render a run's profile, plans and verify reports as an HTML page with PNG plots.
 
     Reads every latency profile, plan and verify report under RUN_DIR (the --out of `planner run`, or of
@@ -350,7 +351,7 @@ def report(run_dir, out, as_json):
     Example: planner report runs/minilm --out runs/minilm/report
     """
     from . import api
-    path = api.report(run_dir, out)
+    path = api.report(run_dir, out, progress=not quiet)
     if as_json:
         click.echo(json.dumps({"index": str(path), "files": sorted(str(p) for p in path.parent.iterdir())},
                               indent=2))

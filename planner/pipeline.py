@@ -99,7 +99,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         tmp.write_text(table + "\n")
     io.write_json(out / "results.json", {"conditions": prof.conditions, "rows": rows})
     print(table)
-    index = api.report(out, out / "report")
+    index = api.report(out, out / "report", progress=progress)
     _log(f"report: {index}", quiet)
     return df
 

@@ -19,6 +19,7 @@ import numpy as np
 from . import io, plots
 from .errors import PlannerError
 from .planning import layer_cell
+from .progress import bar as progress_bar
 from .types import LatencyProfile, Plan, VerifyReport
 
 KNOWN = {"LatencyProfile": LatencyProfile, "Plan": Plan, "VerifyReport": VerifyReport}
@@ -281,13 +282,13 @@ def render(a: Artefacts, figures: list[tuple[str, str, object]]) -> str:
             f"</head><body>{''.join(body)}<script>{_SCRIPT}</script></body></html>\n")
 
 
-def write(run_dir, out_dir=None, dpi: int = 110) -> Path:
+def write(run_dir, out_dir=None, dpi: int = 110, progress: bool = True) -> Path:
     """Write the report of `run_dir` into `out_dir` (default RUN_DIR/report); returns the index.html path."""
     a = collect(run_dir)
     out = Path(out_dir) if out_dir else a.root / "report"
     figures = _figures(a)
     with io.atomic_dir(out) as tmp:
-        for name, _, fig in figures:
+        for name, _, fig in progress_bar(figures, desc="report", unit="plot", progress=progress):
             fig.savefig(tmp / name, dpi=dpi)
         (tmp / "index.html").write_text(render(a, figures), encoding="utf-8")
     return out / "index.html"
