@@ -6,11 +6,10 @@ Losses (pure tensor functions; they know no model):
               hidden size and every block slot (a removed module leaves its residual path).
   logit       KL(teacher ‖ student) of the head's softmax at temperature T, times T² (Hinton): per sequence
               for classification heads, per token for token / masked-LM heads.
-  embed       bare encoders have no head; what users consume is the pooled sentence embedding, so its
-              "logits" are the in-batch similarities: KL between the teacher's and the student's softmax over
-              each passage's cosine similarity to the other passages of the batch (nearest neighbours and the
-              similarity ranking are what the held-out metrics score), plus the cosine distance of each
-              passage's two embeddings (the KL alone is blind to a common rotation).
+  embed       bare encoders have no head; what users consume is the pooled sentence embedding, so it takes
+              the head's place: the cosine distance between the student's and the teacher's embedding of each
+              passage. (A KL between in-batch similarity distributions, the contrastive analogue of logit KD,
+              was tried and made held-out quality worse at the same time budget.)
   task        cross-entropy on labels, where the data gives them.
 
 Training data (`DistillData`): the passages, and new sequences made from them (two passages joined; a share of
@@ -19,8 +18,10 @@ teacher can be run on is a training example; the variants show the student token
 that a small corpus lacks. Every micro-batch is a pure function of (seed, its index), so the data position
 of a resumed run is just its step.
 
-The loop (`distill_`): AdamW (no decay on biases and norms), linear warm-up then linear decay, gradient
-accumulation, clipping, bf16 autocast on GPU, evaluation on held-back passages every `eval_every` steps
+The loop (`distill_`): AdamW (no decay on biases and norms), linear warm-up then linear decay over a fixed
+number of steps or over a time budget (the step count refitted to the pace at every evaluation), gradient
+accumulation, clipping, bf16 autocast where bf16 is native (GPU, recent CPUs), evaluation in float32 on
+held-back passages every `eval_every` steps
 (the best evaluation's weights are the result; `patience` stops early), and a checkpoint (weights,
 optimizer, step, best weights, history, RNG) written atomically every `ckpt_every` steps, from which
 rerunning resumes bit for bit.
@@ -36,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from . import io
+from . import hardware, io
 from .config import RecoverConfig
 from .errors import PlannerError
 from .progress import bar as progress_bar
@@ -68,23 +69,10 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     return (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
 
 
-def similarity_kl(e_student: torch.Tensor, e_teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Row-wise KL between the teacher's and the student's softmax over in-batch cosine similarities
-    (self excluded). e (B, d), rows L2-normalised. 0 for a batch of one."""
-    n = e_student.shape[0]
-    if n < 2:
-        return e_student.sum() * 0
-    off = ~torch.eye(n, dtype=torch.bool, device=e_student.device)
-    s = (e_student.float() @ e_student.float().T)[off].view(n, n - 1) / temperature   # (B, B-1)
-    t = (e_teacher.float() @ e_teacher.float().T)[off].view(n, n - 1) / temperature
-    s, t = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
-
-
-def embed_loss(e_student: torch.Tensor, e_teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In-batch similarity KL plus the mean cosine distance between each passage's two embeddings. e (B, d)."""
-    cos = (e_student.float() * e_teacher.float()).sum(-1)           # (B,)
-    return similarity_kl(e_student, e_teacher, temperature) + (1 - cos).mean()
+def embed_loss(e_student: torch.Tensor, e_teacher: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between each passage's student and teacher sentence embedding. e (B, d), rows
+    L2-normalised."""
+    return (1 - (e_student.float() * e_teacher.float()).sum(-1)).mean()
 
 
 def losses(s_out: dict, t_out: dict, mask: torch.Tensor, cfg: RecoverConfig,
@@ -98,7 +86,7 @@ def losses(s_out: dict, t_out: dict, mask: torch.Tensor, cfg: RecoverConfig,
         tok = mask if s_out["head"] == "token" else None
         out["logit"] = logit_kl(s_out["logits"], t_out["logits"], cfg.temperature, tok)
     if cfg.embed_weight and s_out["embedding"] is not None:
-        out["embed"] = embed_loss(s_out["embedding"], t_out["embedding"], cfg.sim_temperature)
+        out["embed"] = embed_loss(s_out["embedding"], t_out["embedding"])
     if cfg.task_weight and labels is not None and s_out["head"] == "sequence" and bool((labels >= 0).any()):
         out["task"] = F.cross_entropy(s_out["logits"].float(), labels, ignore_index=-100)
     w = {"hidden": cfg.hidden_weight, "logit": cfg.logit_weight, "embed": cfg.embed_weight, "task": cfg.task_weight}
@@ -118,46 +106,56 @@ class Special:
 class DistillData:
     """Training micro-batches as a pure function of (seed, index m).
 
-    Epoch e = m // n_per_epoch visits the passages in a permutation drawn from (seed, e); within a batch,
-    each sequence is, with probability `concat`, its passage joined with a random other one, and a share
-    `substitute` of its tokens is replaced by random pieces of `vocab` (ids the tokenizer can produce).
+    Epoch e = m // n_per_epoch visits the passages in a permutation drawn from (seed, e); each sequence is, with
+    probability `concat`, its passage joined with a random other one, and a share `substitute` of its tokens is
+    replaced by random pieces of `vocab` (ids the tokenizer can produce). Sequences are made `chunk` batches at
+    a time, sorted by length and cut into batches (in shuffled order), so that padding stays small.
     Labels (when given) are kept only on sequences left as they were; the others get -100.
     """
 
     def __init__(self, ids: list[list[int]], special: Special, vocab: np.ndarray, batch_size: int, max_len: int,
-                 concat: float, substitute: float, seed: int, labels: list[int] | None = None):
+                 concat: float, substitute: float, seed: int, labels: list[int] | None = None, chunk: int = 16):
         if not ids:
             raise PlannerError("no training passages: give a text file with at least a few passages, one per line")
         self.ids, self.labels, self.special, self.vocab = ids, labels, special, vocab
         self.batch_size, self.max_len, self.concat, self.substitute, self.seed = \
             batch_size, max_len, concat, substitute, seed
+        self.chunk = chunk
         self.n_per_epoch = math.ceil(len(ids) / batch_size)
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._cache: tuple[tuple[int, int], list[dict]] | None = None
 
-    def _epoch_order(self, e: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != e:
-            self._perm = (e, np.random.default_rng([self.seed, e]).permutation(len(self.ids)))
-        return self._perm[1]
+    def _sequence(self, i: int, rng: np.random.Generator) -> tuple[list[int], int]:
+        toks, plain = list(self.ids[i]), True
+        if self.concat and rng.random() < self.concat:
+            toks += self.ids[int(rng.integers(len(self.ids)))]
+            plain = False
+        toks = np.asarray(toks[:self.max_len - 2], dtype=np.int64)
+        if self.substitute and len(toks):
+            swap = rng.random(len(toks)) < self.substitute
+            if swap.any():
+                toks[swap] = self.vocab[rng.integers(len(self.vocab), size=int(swap.sum()))]
+                plain = False
+        label = self.labels[i] if self.labels is not None and plain else -100
+        return [self.special.cls, *toks.tolist(), self.special.sep], label
+
+    def _chunk(self, e: int, c: int) -> list[dict]:
+        order = np.random.default_rng([self.seed, e]).permutation(len(self.ids))
+        per = self.chunk * self.batch_size
+        idx = order[c * per:(c + 1) * per]
+        rng = np.random.default_rng([self.seed, e, c, 1])
+        made = [self._sequence(int(i), rng) for i in idx]
+        made.sort(key=lambda x: len(x[0]))                           # stable: ties keep the permutation's order
+        batches = [made[s:s + self.batch_size] for s in range(0, len(made), self.batch_size)]
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+        return [pad([s for s, _ in b], self.special.pad, [l for _, l in b] if self.labels is not None else None)
+                for b in batches]
 
     def batch(self, m: int) -> dict:
         e, b = divmod(m, self.n_per_epoch)
-        idx = self._epoch_order(e)[b * self.batch_size:(b + 1) * self.batch_size]
-        rng = np.random.default_rng([self.seed, e, b, 1])
-        seqs, labels = [], []
-        for i in idx:
-            toks, plain = list(self.ids[i]), True
-            if self.concat and rng.random() < self.concat:
-                toks += self.ids[int(rng.integers(len(self.ids)))]
-                plain = False
-            toks = np.asarray(toks[:self.max_len - 2], dtype=np.int64)
-            if self.substitute and len(toks):
-                swap = rng.random(len(toks)) < self.substitute
-                if swap.any():
-                    toks[swap] = self.vocab[rng.integers(len(self.vocab), size=int(swap.sum()))]
-                    plain = False
-            seqs.append([self.special.cls, *toks.tolist(), self.special.sep])
-            labels.append(self.labels[i] if self.labels is not None and plain else -100)
-        return pad(seqs, self.special.pad, labels if self.labels is not None else None)
+        c, j = divmod(b, self.chunk)
+        if self._cache is None or self._cache[0] != (e, c):
+            self._cache = ((e, c), self._chunk(e, c))
+        return self._cache[1][j]
 
 
 def pad(seqs: list[list[int]], pad_id: int, labels: list[int] | None = None) -> dict:
@@ -182,6 +180,16 @@ def split_passages(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 
 # ------------------------------------------------------------------------------------------------ loop
+
+def sparse_linears(model, adapter) -> list[torch.nn.Linear]:
+    """The linears of every module the plan made sparse (their zeros are part of the architecture)."""
+    out = []
+    for layer, spec in zip(adapter.layers(model), adapter.spec(model)):
+        for kind in ("attn", "ffn"):
+            if getattr(spec, f"{kind}_sparsity", 0.0) > 0:
+                out += [getattr(parent, name) for parent, name in adapter.linear_slots(layer, kind)]
+    return out
+
 
 def lr_at(step: int, total: int, cfg: RecoverConfig) -> float:
     """Linear warm-up over the first `warmup` share of the steps, then linear decay to 0 at `total`."""
@@ -253,7 +261,8 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
     as Ctrl-C would. Rerunning with the same `ckpt_dir` and `identity` resumes from the last checkpoint.
     """
     dev = torch.device(cfg.device)
-    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and hardware.fast_bf16(dev.type))
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16)     # training passes only
     teacher.eval().requires_grad_(False)
     frozen = {id(p) for p in adapter.embedding_parameters(student)} if cfg.freeze_embeddings else set()
     named = [(n, p) for n, p in student.named_parameters() if id(p) not in frozen]
@@ -261,15 +270,25 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
         p.requires_grad_(id(p) not in frozen)
     opt = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.lr)
     trainable = [p for _, p in named]
-    student.train(cfg.dropout)                                       # no dropout: a short run wants the exact objective
+    sparse = sparse_linears(student, adapter)
+    masks = [lin.weight != 0 for lin in sparse]                      # sparse modules stay exactly as sparse
 
-    with torch.no_grad(), torch.autocast(**amp):                    # the teacher never changes: score it once
+    def train_mode():
+        student.train(cfg.dropout)                                   # no dropout: a short run wants the exact objective
+        for lin in sparse:
+            lin.train()                                              # their dense path (the CSR one has no autograd)
+
+    train_mode()
+
+    with torch.no_grad():                                            # the teacher never changes: score it once
         t_val = [adapter.distill_outputs(teacher, b["input_ids"].to(dev), b["attention_mask"].to(dev)) for b in val]
 
     def evaluate() -> dict:
+        """Losses and (bare encoders) embedding agreement on the held-back passages, in float32 as the saved
+        model will run."""
         student.eval()
         sums, n, es, et = {}, 0, [], []
-        with torch.no_grad(), torch.autocast(**amp):
+        with torch.no_grad():
             for b, t_out in zip(val, t_val):
                 b = _to(b, dev)
                 s_out = adapter.distill_outputs(student, b["input_ids"], b["attention_mask"])
@@ -279,7 +298,7 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
                 if s_out["embedding"] is not None:
                     es.append(s_out["embedding"].float().cpu())
                     et.append(t_out["embedding"].float().cpu())
-        student.train(cfg.dropout)
+        train_mode()
         row = {f"val_{k}": v / n for k, v in sums.items()}
         if es:
             from .verify import similarity_quality
@@ -329,20 +348,22 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
         row = {"step": 0, "elapsed": 0.0, "lr": 0.0, **evaluate()}
         t_eval = time.perf_counter() - t0
         if total is None:
-            # Time budget: time a few forward/backward passes (no update; grads dropped) and fix the number of
-            # steps now, so that the schedule, and a resumed run, do not depend on later timings.
+            # Time budget: time a few forward/backward passes (no update; grads dropped) for a first estimate of
+            # the step count; it is refitted to the pace at every evaluation. (With --steps nothing depends on
+            # timings, and a resumed run repeats an uninterrupted one bit for bit.)
             micro_step(0)
             t1 = time.perf_counter()
-            for m in (1, 2):
+            for m in range(1, 5):
                 micro_step(m)
             opt.zero_grad(set_to_none=True)
-            t_step = (time.perf_counter() - t1) / 2 * cfg.grad_accum * 1.05    # + optimizer update
+            t_step = (time.perf_counter() - t1) / 4 * cfg.grad_accum * 1.05    # + optimizer update
             left = budget - clock.now()
             total = max(1, int(left / (t_step + t_eval / cfg.eval_every)))
         record_eval(row)
 
     bar = progress_bar(total=total, initial=step, desc="recover", unit="step", progress=progress)
     run = {}
+    mark = (clock.now(), step)                                       # where this session's pace is measured from
     try:
         while step < total and stop is None:
             lr = lr_at(step, total, cfg)
@@ -356,6 +377,9 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for lin, mask in zip(sparse, masks):
+                    lin.weight.mul_(mask)                            # weight decay and momentum never refill zeros
             step += 1
             for k, v in parts.items():                               # running (exponential) averages for the bar
                 run[k] = v if k not in run else 0.95 * run[k] + 0.05 * v
@@ -365,6 +389,12 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
                 row = {"step": step, "elapsed": clock.now(), "lr": lr, **{f"train_{k}": v for k, v in run.items()},
                        **evaluate()}
                 record_eval(row)
+                if cfg.steps is None and step < total:
+                    # Time budget: re-fit the step count to the pace so far (evaluations included), so that
+                    # the learning rate reaches 0 when the budget ends rather than being cut off mid-decay.
+                    pace = (clock.now() - mark[0]) / (step - mark[1])          # seconds per step
+                    total = max(step + 1, step + int((budget - clock.now()) / pace))
+                    bar.total = total
                 bar.set_postfix({**{k: f"{v:.4f}" for k, v in run.items()}, "val": f"{row['val_total']:.4f}"})
                 if cfg.patience and bad >= cfg.patience:
                     stop = "early-stop"
