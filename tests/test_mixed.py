@@ -26,15 +26,16 @@ def mixed_run(tiny_bert, calib_file, tmp_path_factory):
     prof, _ = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0,
                                                        sparsity=(0.5, 0.9)), out=tmp / "real.json", progress=False)
     dense = {k: prof.times(k).monotone[-1] for k in ("attn", "ffn")}
-    # sparse FFN almost free (5% / 2% of dense: cheaper than keeping 32 of 128 neurons), sparse attention
-    # slower than dense: the DP has a reason to take the one and never the other
-    sp = {"ffn": {"levels": [0.5, 0.9], "kernels": ["csr"] * 2, "median": [0.05 * dense["ffn"], 0.02 * dense["ffn"]],
+    # sparse FFN almost free (1% / 0.5% of dense: far cheaper than keeping 32 of 128 neurons, less error than
+    # removing the FFN), sparse attention slower than dense: under a tight budget the DP has every reason to
+    # take the one and never the other, whatever the tiny model's noisy structured timings
+    sp = {"ffn": {"levels": [0.5, 0.9], "kernels": ["csr"] * 2, "median": [0.01 * dense["ffn"], 0.005 * dense["ffn"]],
                   "spread": [0.0, 0.0]},
           "attn": {"levels": [0.5, 0.9], "kernels": ["csr"] * 2, "median": [1.3 * dense["attn"]] * 2,
                    "spread": [0.0, 0.0]}}
     prof = dataclasses.replace(prof, sparse=sp)
     ppath = prof.save(tmp / "p.json")
-    target = round(min(1.6, 0.7 * prof.max_speedup()), 2)
+    target = round(min(3.0, 0.8 * prof.max_speedup()), 2)
     plans = planner.plan(tiny_bert, ppath, PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64),
                          tmp / "run", progress=False)
     return tmp, prof, ppath, plans[0]
