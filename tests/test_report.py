@@ -18,7 +18,7 @@ from planner.cli import main
 from planner.errors import PlannerError
 from planner.types import LatencyProfile, Plan, VerifyReport
 
-RUN = ["-b", "8", "-s", "64", "--rounds", "1", "--threads", "1", "--n-calib", "64"]
+RUN = ["-b", "8", "-s", "128", "--rounds", "1", "--threads", "1", "--n-calib", "64"]
 
 
 def _ok(args):
@@ -31,7 +31,7 @@ def _ok(args):
 def run_dir(tiny_bert, calib_file, tmp_path_factory):
     """A real `planner run` on the tiny model: profile, 2 targets, planner + baseline, verify, report."""
     out = tmp_path_factory.mktemp("run") / "r"
-    _ok(["run", tiny_bert, "-x", 1.2, "-x", 1.5, "--out", out, "--calib", calib_file, *RUN, "-q"])
+    _ok(["run", tiny_bert, "-x", 1.2, "-x", 1.4, "--out", out, "--calib", calib_file, *RUN, "-q"])
     return out
 
 
@@ -40,10 +40,10 @@ def test_run_writes_report_and_resumes(run_dir, tiny_bert, calib_file):
     assert index.exists()
     a = report.collect(run_dir)
     assert len(a.profiles) == 1 and len(a.plans) == 4 and len(a.reports) == 4
-    assert [(m, t) for _, m, t, _ in a.reports] == [("planner", 1.2), ("planner", 1.5),
-                                                    ("magnitude-uniform", 1.2), ("magnitude-uniform", 1.5)]
+    assert [(m, t) for _, m, t, _ in a.reports] == [("planner", 1.2), ("planner", 1.4),
+                                                    ("magnitude-uniform", 1.2), ("magnitude-uniform", 1.4)]
     # a rerun finds everything in place and redoes nothing but the table and the report
-    r = _ok(["run", tiny_bert, "-x", 1.2, "-x", 1.5, "--out", run_dir, "--calib", calib_file, *RUN])
+    r = _ok(["run", tiny_bert, "-x", 1.2, "-x", 1.4, "--out", run_dir, "--calib", calib_file, *RUN])
     assert "reusing" in r.output and r.output.count("written") == 0
 
 
@@ -98,17 +98,17 @@ def test_collect_bad_input(tmp_path, run_dir):
         report.collect(tmp_path / "empty")
     bad = tmp_path / "bad"
     shutil.copytree(run_dir / "verify", bad)
-    (bad / "planner-1.5x.json").write_text('{"kind": "VerifyReport", "schema_')
-    with pytest.raises(PlannerError, match="planner-1.5x.json is not valid JSON"):
+    (bad / "planner-1.4x.json").write_text('{"kind": "VerifyReport", "schema_')
+    with pytest.raises(PlannerError, match="planner-1.4x.json is not valid JSON"):
         report.collect(bad)
     # a report written before reports recorded their plan: method and target come from the file name
     old = tmp_path / "old"
     old.mkdir()
-    d = json.loads((run_dir / "verify" / "planner-1.5x.json").read_text())
+    d = json.loads((run_dir / "verify" / "planner-1.4x.json").read_text())
     d.pop("plan")
     d["compressed"] = str(tmp_path / "gone")
-    (old / "planner-1.5x.json").write_text(json.dumps(d))
-    assert [(m, t) for _, m, t, _ in report.collect(old).reports] == [("planner", 1.5)]
+    (old / "planner-1.4x.json").write_text(json.dumps(d))
+    assert [(m, t) for _, m, t, _ in report.collect(old).reports] == [("planner", 1.4)]
 
 
 def test_cli_report_errors_leave_nothing(tmp_path, run_dir, monkeypatch):
