@@ -9,7 +9,8 @@ Losses (pure tensor functions; they know no model):
   embed       bare encoders have no head; what users consume is the pooled sentence embedding, so it takes
               the head's place: the cosine distance between the student's and the teacher's embedding of each
               passage. (A KL between in-batch similarity distributions, the contrastive analogue of logit KD,
-              was tried and made held-out quality worse at the same time budget.)
+              was tried, also with batches of nearest-neighbour passages: it destabilised training at useful
+              learning rates and made held-out quality worse.)
   task        cross-entropy on labels, where the data gives them.
 
 Training data (`DistillData`): the passages, and new sequences made from them (two passages joined; a share of
