@@ -74,7 +74,7 @@ def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, pr
     model, adapter = load_model(model_path, device=cfg.device)
     shape = adapter.shape(model)
     batches, calib_hash = calibration_batches(model_path, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
-    levels = {"attn": width_grid("attn", shape.n_heads, 1), "ffn": prof.times("ffn").widths}
+    levels = {"attn": width_grid("attn", shape.attn_units, 1), "ffn": prof.times("ffn").widths}
     sparse = sorted({float(lv) for s in prof.sparse.values() for lv, k in zip(s["levels"], s["kernels"]) if k == "csr"})
     if cfg.sparse and sparse and cfg.device == "cpu":
         levels["sparse"] = sparse          # only when asked for, so a structured-only database keeps its identity

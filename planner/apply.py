@@ -73,7 +73,7 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
         raise PlannerError("sequential apply needs calibration text")
     dense = copy.deepcopy(model)
     dev = next(model.parameters()).device
-    d_in = capture_block_inputs(dense, adapter.layers(dense), batches, dev)
+    d_in = capture_block_inputs(dense, adapter.layers(dense), batches, dev, adapter.forward_kwargs())
     c_in = BlockInputs(list(d_in.hidden), d_in.args, d_in.kwargs, d_in.masks)
     for i in progress_bar(range(len(blocks)), desc="apply (sequential)", progress=progress, unit="block"):
         dblock, cblock = adapter.layers(dense)[i], blocks[i]

@@ -34,8 +34,11 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device="cpu") -> BlockInputs:
-    """Run the model up to its first block on every batch and keep that block's inputs."""
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device="cpu",
+                         forward_kwargs: dict | None = None) -> BlockInputs:
+    """Run the model up to its first block on every batch and keep that block's inputs.
+    `forward_kwargs`: the adapter's extra arguments (decoders: use_cache=False, so that running a block
+    repeatedly on the captured inputs never appends to a KV cache)."""
     hidden, args, kwargs, masks = [], [], [], []
 
     def hook(module, a, kw):
@@ -49,7 +52,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
         for b in batches:
             masks.append(b["attention_mask"].bool().to(device))
             try:
-                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                      **(forward_kwargs or {}))
             except _Stop:
                 pass
     finally:

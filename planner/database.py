@@ -133,8 +133,11 @@ class _Stats:
             self.acc[kind] = obs.HessianAccumulator(lin.in_features, device=device)
             self.res[kind], self.n_res[kind] = 0.0, 0
             self.handles.append(lin.register_forward_pre_hook(self._consumer_hook(kind)))
-            ln = adapter.residual_norm_input(layer, kind)
-            self.handles.append(ln.register_forward_pre_hook(self._residual_hook(kind)))
+            mod, where = adapter.residual_point(layer, kind)
+            hook = self._residual_hook(kind)
+            self.handles.append(mod.register_forward_pre_hook(lambda m, a, hook=hook: hook(a[0])) if where == "input"
+                                else mod.register_forward_hook(
+                                    lambda m, a, y, hook=hook: hook(y[0] if isinstance(y, (tuple, list)) else y)))
 
     def _consumer_hook(self, kind):
         def hook(mod, args):
@@ -153,9 +156,10 @@ class _Stats:
                 for j, (p, n) in enumerate(self.adapter.linear_slots(layer, kind))]
 
     def _residual_hook(self, kind):
-        def hook(mod, args):
-            z = args[0][self.mask]                                   # (tokens, d) LayerNorm input
-            z = z - z.mean(-1, keepdim=True)                         # LayerNorm removes the mean
+        def hook(x):
+            z = x[self.mask]                                         # (tokens, d) the residual stream
+            z = z - z.mean(-1, keepdim=True)                         # LayerNorm removes the mean (RMSNorm
+                                                                     # does not; a denominator either way)
             self.res[kind] += float((z.double() ** 2).sum())
             self.n_res[kind] += z.shape[0]
         return hook
@@ -239,8 +243,9 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
 
     train_b, val_b = _split(batches, cfg.val_fraction)
     dev = cfg.device
-    train = capture_block_inputs(model, blocks, train_b, next(model.parameters()).device)
-    val = capture_block_inputs(model, blocks, val_b, next(model.parameters()).device) if val_b is not train_b else train
+    where, fkw = next(model.parameters()).device, adapter.forward_kwargs()
+    train = capture_block_inputs(model, blocks, train_b, where, forward_kwargs=fkw)
+    val = capture_block_inputs(model, blocks, val_b, where, forward_kwargs=fkw) if val_b is not train_b else train
     if train.n_tokens == 0:
         raise PlannerError("calibration data has no tokens: give a text file with at least a few passages")
     bar = progress_bar(total=len(blocks), desc="OBS database", progress=progress, unit="block")

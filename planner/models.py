@@ -16,6 +16,7 @@ from .adapters import get_adapter
 from .adapters.remote import modeling_planner_bert  # noqa: F401  (import check: the remote code must import)
 from .errors import PlannerError
 
+COMMON_REMOTE = "planner_common.py"    # shared layers every remote model file imports relatively
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")      # a local directory never needs the network
 # planner prints its own progress; transformers' per-load bars and reports would drown it
@@ -57,6 +58,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     except Exception as e:  # corrupted or mismatched weights: say so in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PlannerError(f"could not load model from {path}: {msg[:300]}") from None
+    adapter.prepare_(model)
     model.eval().to(device)
     return model, adapter
 
@@ -101,7 +103,8 @@ def save_portable(model, adapter, src_dir, out_dir, extra_config: dict | None = 
         cfg.update(portable)
         model.config.architectures = portable["architectures"]
         (tmp / "config.json").write_text(io.dumps(cfg))
-        shutil.copy(Path(__file__).parent / "adapters" / "remote" / adapter.remote_file, tmp / adapter.remote_file)
+        for name in (adapter.remote_file, COMMON_REMOTE):          # the model file imports the common one
+            shutil.copy(Path(__file__).parent / "adapters" / "remote" / name, tmp / name)
         for p in src_dir.iterdir():
             if p.name in ("config.json", "README.md", ".gitattributes") or p.suffix in WEIGHT_SUFFIXES:
                 continue

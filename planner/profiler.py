@@ -57,6 +57,7 @@ def dense_model_from_config(path, dtype=torch.float32, device="cpu"):
     cls = getattr(transformers, arch, None) or transformers.AutoModel
     torch.manual_seed(0)
     model = (cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config))
+    adapter.prepare_(model)
     return model.eval().to(device=device, dtype=dtype), adapter
 
 
@@ -65,10 +66,10 @@ def _variant(model, adapter, layers: list[dict]):
     irrelevant for latency); dense entries are left untouched. A spec may also carry
     "sparse": {kind: level} and "kernel": the linears of that module then run on the sparse kernel at that
     sparsity (a random mask with the right number of non-zeros)."""
-    emb = adapter.base(model).embeddings
-    v = copy.deepcopy(model, memo={id(emb): emb})       # share the embedding table: it is never pruned
+    # share the embedding tables (and a tied LM head): they are never pruned
+    v = copy.deepcopy(model, memo={id(p): p for p in adapter.embedding_parameters(model)})
     shape = adapter.shape(model)
-    dense = {"attn": shape.n_heads, "ffn": shape.ffn}
+    dense = {"attn": shape.attn_units, "ffn": shape.ffn}
     gen = torch.Generator().manual_seed(0)
     for layer, spec in zip(adapter.layers(v), layers):
         for k, key in (("attn", "heads"), ("ffn", "ffn")):
@@ -87,7 +88,7 @@ def _variant(model, adapter, layers: list[dict]):
 
 def _uniform(shape, kind: str, width: int) -> list[dict]:
     """Every block at `width` for `kind` ("all": both kinds), dense otherwise."""
-    h = width if kind in ("attn", "all") else shape.n_heads
+    h = width if kind in ("attn", "all") else shape.attn_units
     f = width if kind in ("ffn", "all") else shape.ffn
     return [{"heads": h, "ffn": f}] * shape.n_layers
 
@@ -99,13 +100,13 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     model, adapter = dense_model_from_config(model_path, DTYPES[cfg.dtype], cfg.device)
     shape = adapter.shape(model)
     x = latency_inputs(shape.vocab, cfg.batch_size, cfg.seq_len, cfg.device)
-    dense = {"attn": shape.n_heads, "ffn": shape.ffn}
+    dense = {"attn": shape.attn_units, "ffn": shape.ffn}
     grids = {k: width_grid(k, dense[k], cfg.ffn_step) for k in KINDS}
     notes, floor, sparse_mods = [], 0.0, {}
     if cfg.sparsity and cfg.method != "model":
         raise PlannerError("--sparsity is timed inside the running model: use it with --method model")
     levels = _sparse_levels(cfg)
-    mixed = latency.mixed_architectures(shape.n_layers, shape.n_heads, grids["ffn"], cfg.n_mixed, seed=0)
+    mixed = latency.mixed_architectures(shape.n_layers, shape.attn_units, grids["ffn"], cfg.n_mixed, seed=0)
     if cfg.method == "model":
         base, mods, all_removed, mixed_times, sparse_mods = _profile_in_model(model, adapter, x, grids, dense,
                                                                               mixed, cfg, progress, levels)
@@ -242,7 +243,7 @@ def _profile_in_model(model, adapter, x, grids, dense, mixed, cfg, progress, spa
     variants[("all", 0)] = _uniform(shape, "all", 0)
     variants.update({("mix", i): m for i, m in enumerate(mixed)})
     # ("sparse", kind, level, kernel): every block's `kind` at full width with its linears on a sparse kernel
-    full = {"heads": shape.n_heads, "ffn": shape.ffn}
+    full = {"heads": shape.attn_units, "ffn": shape.ffn}
     variants.update({("sparse", k, lv, ker): [{**full, "sparse": {k: lv}, "kernel": ker}] * L
                      for k in KINDS for lv, ker in sparse_levels})
     ratios, bases = _time_variants(model, adapter, x, variants, cfg, progress)

@@ -56,10 +56,19 @@ class ArchShape:
     head_dim: int
     ffn: int
     vocab: int
+    kv_heads: int = 0    # grouped-query attention: key/value heads (0: as many as query heads)
+
+    @property
+    def attn_units(self) -> int:
+        """Prunable attention units per block: one KV group (its query heads and their key/value head); for
+        multi-head attention a unit is one head. Plans and profiles count kept attention in these units."""
+        return self.kv_heads or self.n_heads
 
     @property
     def key(self) -> str:
-        return f"{self.family}-L{self.n_layers}-H{self.hidden}-A{self.n_heads}x{self.head_dim}-F{self.ffn}-V{self.vocab}"
+        gqa = f"g{self.kv_heads}" if self.kv_heads and self.kv_heads != self.n_heads else ""
+        return (f"{self.family}-L{self.n_layers}-H{self.hidden}-A{self.n_heads}x{self.head_dim}{gqa}-F{self.ffn}"
+                f"-V{self.vocab}")
 
 
 @dataclass(frozen=True)

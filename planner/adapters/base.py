@@ -26,6 +26,16 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     remote_file: str = ""          # file in adapters/remote copied next to saved weights
+    causal_lm: bool = False        # decoder LM: prefill / decode latency regimes, perplexity, token windows
+
+    def prepare_(self, model: nn.Module) -> nn.Module:
+        """Called once on every loaded or profiled model, before anything else looks at it: bring it into the
+        form the algorithms expect (e.g. GPT-2's transposed Conv1D layers become nn.Linear). Same outputs."""
+        return model
+
+    def forward_kwargs(self) -> dict:
+        """Extra keyword arguments for calibration and evaluation forwards (decoders: no KV cache)."""
+        return {}
 
     # --- structure -------------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -57,6 +67,13 @@ class Adapter:
     def residual_norm_input(self, layer: nn.Module, kind: str) -> nn.Module:
         """The module whose forward input is the residual stream right after `kind` writes into it."""
         raise NotImplementedError
+
+    def residual_point(self, layer: nn.Module, kind: str) -> tuple[nn.Module, str]:
+        """(module, "input" | "output"): where the residual stream right after `kind` writes into it can be
+        read, as that module's first forward input or its output (a tensor or a tuple whose [0] it is).
+        Post-LN blocks: the LayerNorm's input. Pre-LN blocks: the next norm's input after attention, the
+        block's own output after the FFN."""
+        return self.residual_norm_input(layer, kind), "input"
 
     def shrink_(self, layer: nn.Module, kind: str, kept: torch.Tensor, consumer_weight: torch.Tensor | None,
                 config) -> None:

@@ -7,11 +7,11 @@ and FFN neurons of layer i; 0 means the module is removed and only its residual 
 BERT is post-LN) remains. An "attn_sparsity" / "ffn_sparsity" entry means that module's linears were
 sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
 """
-import warnings
-
 import torch
 import transformers
 from torch import nn
+
+from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
 
 
 class ResidualNorm(nn.Module):
@@ -41,48 +41,6 @@ class RemovedAttention(nn.Module):
 class RemovedIntermediate(nn.Module):
     def forward(self, hidden_states):
         return None
-
-
-class PlannerCsrLinear(nn.Linear):
-    """A linear whose weight has been sparsified: stored and loaded as a plain dense `weight` (zeros
-    included), run through a compressed-sparse-row matmul in eval mode. The CSR copy is built on first use
-    and rebuilt whenever the weight changes; in training mode the dense path keeps autograd working."""
-
-    def __init__(self, in_features, out_features, bias=True, sparsity=0.0, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.sparsity = float(sparsity)           # nominal level, what the latency profile timed
-        self._csr, self._csr_key = None, None
-
-    def forward(self, x):
-        if self.training:
-            return nn.functional.linear(x, self.weight, self.bias)
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if self._csr_key != key:
-            with warnings.catch_warnings():                  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                self._csr, self._csr_key = w.detach().to_sparse_csr(), key
-        lead = x.shape[:-1]
-        y = (self._csr @ x.reshape(-1, self.in_features).T).T          # CSR (out, in) @ (in, N) -> (N, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
-
-
-def csr_like(lin, sparsity, weight=None):
-    """A PlannerCsrLinear of `lin`'s shape and bias; weight (out, in) defaults to lin's."""
-    new = PlannerCsrLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, sparsity=sparsity,
-                           device=lin.weight.device, dtype=lin.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(lin.weight if weight is None else weight)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias)
-    return new.train(lin.training)           # an eval model stays in eval mode: the CSR path
-
-
-def _linear_like(lin, in_features=None, out_features=None):
-    new = nn.Linear(in_features or lin.in_features, out_features or lin.out_features, bias=lin.bias is not None)
-    return new.to(device=lin.weight.device, dtype=lin.weight.dtype)
 
 
 def planner_sparse_slots(layer, kind):
