@@ -280,12 +280,11 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
             cur = n_groups if kind == "attn" else W.shape[1]
             widths = sorted({w for w in levels[kind] if w <= cur} | {cur})
             kept_levels = [w if kind == "attn" else w // gs for w in widths]
-            res = obs.group_obs(W, H_tr, group_size=gs, damp=cfg.damp, snapshot_levels=kept_levels, device=dev)
-            val_err, tr_loss = [], []
-            for w, nk in zip(widths, kept_levels):
-                W_hat = res.snapshots[nk]
-                val_err.append(obs.layer_error(W, W_hat, H_va))
-                tr_loss.append(float(res.loss[n_groups - nk]))
+            errs = {}                                                # kept groups -> held-out error
+            res = obs.group_obs(W, H_tr, group_size=gs, damp=cfg.damp, snapshot_levels=kept_levels, device=dev,
+                                on_snapshot=lambda nk, W_hat: errs.__setitem__(nk, obs.layer_error(W, W_hat, H_va)))
+            val_err = [errs[nk] for nk in kept_levels]
+            tr_loss = [float(res.loss[n_groups - nk]) for nk in kept_levels]
             n_tr, n_va = st_train.acc[kind].n, st_val.acc[kind].n
             H_all = H_tr if val is train else (H_tr * n_tr + H_va * n_va) / (n_tr + n_va)
             tensors[f"{kind}.H"] = H_all.float().cpu().contiguous()

@@ -157,6 +157,17 @@ def test_keep_all_and_snapshot_subset():
         group_obs(W, H, 5)
 
 
+def test_snapshot_callback_sees_the_same_weights_and_keeps_none():
+    W, H, _ = make_problem(5, 40, 80, seed=7)
+    kept = group_obs(W, H, 4, snapshot_levels=[10, 6, 3, 0])
+    seen = {}
+    res = group_obs(W, H, 4, snapshot_levels=[10, 6, 3, 0], on_snapshot=lambda nk, Wh: seen.__setitem__(nk, Wh.clone()))
+    assert res.snapshots == {} and set(seen) == {10, 6, 3, 0}
+    for nk in seen:
+        torch.testing.assert_close(seen[nk], kept.snapshots[nk])
+    assert torch.equal(res.order, kept.order)
+
+
 def test_late_steps_stay_finite_with_tiny_damping():
     # nearly singular data, tiny dampening: no NaN, monotone loss
     W, H, _ = make_problem(8, 32, 4, seed=5, dead=(1, 2, 3))
