@@ -60,7 +60,7 @@ def main():
     for name, p in arch.items():
         pred = prof.base["median"] / prof.predict(p.kept)
         v = profiler._variant(dense, adapter, p.kept)
-        m = measure_speedup(dense, v, prof.arch.vocab, prof.batch_size, prof.seq_len, reps=a.reps)
+        m = measure_speedup(dense, v, adapter, prof.batch_size, prof.seq_len, reps=a.reps, mode=prof.mode)
         del v
         rows.append({"architecture": name, "predicted": pred, "measured": m["speedup"],
                      "pred/meas-1": pred / m["speedup"] - 1, "meas/target": m["speedup"] / p.target_speedup,

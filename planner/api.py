@@ -20,7 +20,7 @@ from .profiler import check_profile, default_profile_path
 from .profiler import profile as _profile
 from .profiler import width_grid
 from .types import LatencyProfile, Plan, VerifyReport
-from .verify import conditions, embeddings, measure_speedup, similarity_quality
+from .verify import conditions, embeddings, lm_quality, measure_speedup, similarity_quality
 
 
 def profile(model_path, cfg: ProfileConfig = ProfileConfig(), out=None, root="profiles", progress=True):
@@ -65,8 +65,16 @@ def report(run_dir, out_dir=None, progress=True) -> Path:
 
 
 def calibration_batches(model_path, calib_path, n, max_len, batch_size):
+    """(batches, hash): n passages of the calibration text as padded batches (encoders) or, for causal LMs,
+    cut into token windows of max_len (no padding), and a hash identifying them."""
+    from .adapters import get_adapter
+    from .models import _config_dict
     texts = data.sample(data.read_lines(calib_path, data.CALIBRATION, "calibration file"), n)
     tok = load_tokenizer(model_path)
+    causal = get_adapter(_config_dict(Path(model_path))["model_type"]).causal_lm
+    if causal:
+        return (data.window_batches(tok, texts, max_len, batch_size),
+                io.sha256_text(*texts, str(max_len), str(batch_size), "windows"))
     return data.batches(tok, texts, batch_size, max_len), io.sha256_text(*texts, str(max_len), str(batch_size))
 
 
@@ -212,40 +220,51 @@ def load(path, device="cpu"):
 
 def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), profile_path=None, out=None,
            dense_model=None, progress=True) -> VerifyReport:
+    """Measure the compressed model against the dense one in the regime of its profile (or cfg.mode):
+    interleaved speedup, the profile's prediction for its architecture, and quality on held-out text."""
     hardware.set_threads(cfg.threads)
-    dense, adapter = (dense_model, None) if dense_model is not None else load_model(dense_path, device=cfg.device)
+    dense = dense_model if dense_model is not None else load_model(dense_path, device=cfg.device)[0]
     comp, adapter = load_model(compressed_path, device=cfg.device)
-    sp = measure_speedup(dense, comp, adapter.shape(comp).vocab, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup,
-                         cfg.device, progress=progress)
-    cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device)
+    rec = dict(getattr(comp.config, "planner", None) or {})
+    prof = LatencyProfile.load(profile_path) if profile_path else None
+    mode = cfg.mode or (prof.mode if prof else None) or rec.get("profile", {}).get("mode") or "prefill"
+    if prof is not None and prof.mode != mode:
+        raise PlannerError(f"profile is for the {prof.mode} regime, verifying {mode}: pass a {mode} profile "
+                           f"or --mode {prof.mode}")
+    sp = measure_speedup(dense, comp, adapter, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup, cfg.device,
+                         progress=progress, mode=mode, decode_steps=cfg.decode_steps)
+    cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device) | {"mode": mode}
+    if mode == "decode":
+        cond["decode_steps"] = cfg.decode_steps
     predicted = None
-    if profile_path:
-        prof = LatencyProfile.load(profile_path)
+    if prof is not None:
         if (prof.batch_size, prof.seq_len) != (cfg.batch_size, cfg.seq_len):
             raise PlannerError(f"profile is for batch {prof.batch_size} x seq {prof.seq_len}, verifying at "
                                f"{cfg.batch_size} x {cfg.seq_len}: pass a profile of the same shape")
         spec = [s.to_dict() for s in adapter.spec(comp)]
         predicted = prof.base["median"] / prof.predict(spec)
     else:
-        rec = getattr(comp.config, "planner", None) or {}
         pc = rec.get("profile", {})
         if pc.get("batch_size") == cfg.batch_size and pc.get("seq_len") == cfg.seq_len and \
-                pc.get("hardware") == cond["key"]:
+                pc.get("hardware") == cond["key"] and pc.get("mode", "prefill") == mode:
             predicted = rec.get("predicted_speedup")
     texts = data.sample(data.read_lines(cfg.text_path, data.HELDOUT, "held-out text file"), cfg.n_text, seed=1)
     tok = load_tokenizer(compressed_path)
-    ed = embeddings(dense, adapter, tok, texts, device=cfg.device, progress=progress, desc="verify: dense quality")
-    ec = embeddings(comp, adapter, tok, texts, device=cfg.device, progress=progress, desc="verify: compressed quality")
-    q = similarity_quality(ed, ec)
+    if adapter.causal_lm:
+        q = lm_quality(dense, comp, tok, texts, cfg.ppl_window, device=cfg.device, progress=progress)
+    else:
+        ed = embeddings(dense, adapter, tok, texts, device=cfg.device, progress=progress, desc="verify: dense quality")
+        ec = embeddings(comp, adapter, tok, texts, device=cfg.device, progress=progress,
+                        desc="verify: compressed quality")
+        q = similarity_quality(ed, ec)
     q["n_text"] = len(texts)
+    q.update({k: sp[k] for k in ("speedup_spread", "dense_tokens_per_s", "tokens_per_s") if k in sp})
     rep = VerifyReport(dense=str(dense_path), compressed=str(compressed_path), conditions=cond,
                        dense_time=sp["dense_time"], compressed_time=sp["compressed_time"],
                        measured_speedup=sp["speedup"], predicted_speedup=predicted,
                        prediction_ratio=(predicted / sp["speedup"]) if predicted else None,
-                       quality=q | {"speedup_spread": sp["speedup_spread"]},
-                       sizes={"dense_params": n_params(dense), "compressed_params": n_params(comp)},
-                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       plan=dict(getattr(comp.config, "planner", None) or {}))
+                       quality=q, sizes={"dense_params": n_params(dense), "compressed_params": n_params(comp)},
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), plan=rec)
     if out:
         rep.save(out)
     return rep

@@ -48,7 +48,10 @@ def main():
 def _profile_opts(f):
     for opt in reversed([
         click.option("--batch-size", "-b", default=ProfileConfig.batch_size, show_default=True),
-        click.option("--seq-len", "-s", default=ProfileConfig.seq_len, show_default=True),
+        click.option("--seq-len", "-s", default=ProfileConfig.seq_len, show_default=True,
+                     help="prompt length (prefill) or KV-cache length (decode)"),
+        click.option("--mode", type=click.Choice(["prefill", "decode"]), default=ProfileConfig.mode,
+                     show_default=True, help="latency regime; decode = one new token per sequence (causal LMs)"),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
                      show_default=True),
@@ -78,7 +81,8 @@ def _levels(text: str) -> tuple[float, ...]:
 
 
 def _profile_cfg(kw) -> ProfileConfig:
-    return ProfileConfig(batch_size=kw["batch_size"], seq_len=kw["seq_len"], device=kw["device"], dtype=kw["dtype"],
+    return ProfileConfig(batch_size=kw["batch_size"], seq_len=kw["seq_len"], mode=kw["mode"], device=kw["device"],
+                         dtype=kw["dtype"],
                          threads=kw["threads"], ffn_step=kw["ffn_step"], method=kw["method"], rounds=kw["rounds"],
                          n_mixed=kw["n_mixed"], smooth=kw["smooth"], sparsity=_levels(kw["sparsity"]))
 
@@ -87,7 +91,7 @@ def _profile_cfg(kw) -> ProfileConfig:
 @_model_arg
 @_profile_opts
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="profile JSON (default: profiles/<hardware>/<shape>/prefill-b<B>-s<T>-<dtype>.json)")
+              help="profile JSON (default: profiles/<hardware>/<shape>/<mode>-b<B>-s<T>-<dtype>.json)")
 @click.option("--json", "as_json", is_flag=True, help="print the profile's summary row as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def profile(model, out, as_json, quiet, **kw):
@@ -289,17 +293,23 @@ def apply(model, plan_path, out, calib, weights, quiet, recover_, **kw):
 @click.option("--reps", default=VerifyConfig.reps, show_default=True)
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
               help="predict the speedup from this profile (default: the plan recorded in the model)")
+@click.option("--mode", type=click.Choice(["prefill", "decode"]), default=None,
+              help="latency regime (default: the profile's or the plan's); decode: seq-len is the KV-cache length")
+@click.option("--decode-steps", default=VerifyConfig.decode_steps, show_default=True,
+              help="decode: greedy steps per timed generation loop")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the report JSON here")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
-def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_path, out, as_json, quiet):
-    """Measure speedup (interleaved with the dense model) and quality kept on held-out text.
+def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_path, mode, decode_steps, out, as_json,
+           quiet):
+    """Measure speedup (interleaved with the dense model) and quality kept on held-out text
+    (causal LMs: perplexity; encoders: embedding similarity structure).
 
     Example: planner verify ./my-bert my-bert-2x/ --batch-size 8 --seq-len 128
     """
     from . import api
     cfg = VerifyConfig(batch_size=batch_size, seq_len=seq_len, threads=threads, reps=reps,
-                       text_path=str(text) if text else None)
+                       text_path=str(text) if text else None, mode=mode, decode_steps=decode_steps)
     rep = api.verify(dense, compressed, cfg, profile_path=profile_path, out=out, progress=not quiet)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2, sort_keys=True))
@@ -307,10 +317,19 @@ def verify(dense, compressed, text, batch_size, seq_len, threads, reps, profile_
     pred = f"{rep.predicted_speedup:.2f}x" if rep.predicted_speedup else "n/a"
     ratio = f"{rep.prediction_ratio:.3f}" if rep.prediction_ratio else "n/a"
     q = rep.quality
-    click.echo(f"dense {rep.dense_time*1e3:.2f} ms | compressed {rep.compressed_time*1e3:.2f} ms | measured "
-               f"{rep.measured_speedup:.2f}x | predicted {pred} | predicted/measured {ratio}\n"
-               f"quality on {q['n_text']} held-out passages: cosine {q['cosine']:.3f} | spearman {q['spearman']:.3f} | "
-               f"nn_agree {q['nn_agree']:.3f}")
+    unit = "ms/token step" if rep.conditions.get("mode") == "decode" else "ms"
+    click.echo(f"{rep.conditions.get('mode', 'prefill')}: dense {rep.dense_time*1e3:.2f} {unit} | compressed "
+               f"{rep.compressed_time*1e3:.2f} {unit} | measured {rep.measured_speedup:.2f}x | predicted {pred} | "
+               f"predicted/measured {ratio}")
+    if "tokens_per_s" in q:
+        click.echo(f"decode throughput: dense {q['dense_tokens_per_s']:.0f} tokens/s | compressed "
+                   f"{q['tokens_per_s']:.0f} tokens/s")
+    if "ppl" in q:
+        click.echo(f"quality on {q['n_tokens']} held-out tokens: perplexity dense {q['ppl_dense']:.2f} | compressed "
+                   f"{q['ppl']:.2f} ({q['ppl_increase']:+.1%}) | next-token agreement {q['top1_agree']:.3f}")
+    else:
+        click.echo(f"quality on {q['n_text']} held-out passages: cosine {q['cosine']:.3f} | spearman "
+                   f"{q['spearman']:.3f} | nn_agree {q['nn_agree']:.3f}")
 
 
 @main.command()

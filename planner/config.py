@@ -17,7 +17,8 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class ProfileConfig:
     batch_size: int = 8
-    seq_len: int = 128
+    seq_len: int = 128              # prompt length (prefill) or KV-cache length (decode)
+    mode: str = "prefill"           # "prefill" or "decode" (causal LMs: one new token per sequence); regimes.py
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None      # CPU threads; None = all cores this process may use
@@ -33,6 +34,8 @@ class ProfileConfig:
     def __post_init__(self):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.seq_len >= 1, "--seq-len must be >= 1")
+        _check(self.mode in ("prefill", "decode"), "--mode must be 'prefill' or 'decode'")
+        _check(self.method == "model" or self.mode == "prefill", "--mode decode is timed with --method model")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
@@ -92,10 +95,15 @@ class VerifyConfig:
     warmup: int = 1
     text_path: str | None = None    # held-out text; None = the held-out corpus shipped with the package
     n_text: int = 512
+    mode: str | None = None         # "prefill" / "decode"; None = the regime of the profile or of the plan
+    decode_steps: int = 16          # decode: greedy steps per timed generation loop
+    ppl_window: int = 128           # causal LMs: tokens per perplexity window
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.seq_len >= 1, "--batch-size and --seq-len must be >= 1")
+        _check(self.mode in (None, "prefill", "decode"), "--mode must be 'prefill' or 'decode'")
+        _check(self.decode_steps >= 1 and self.ppl_window >= 2, "--decode-steps >= 1 and --ppl-window >= 2")
         _check(self.reps >= 3, "--reps must be >= 3")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
 

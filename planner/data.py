@@ -58,3 +58,25 @@ def latency_inputs(vocab: int, batch_size: int, seq_len: int, device="cpu", seed
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch_size, seq_len), generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device)}
+
+
+def token_windows(tokenizer, texts: list[str], window: int) -> torch.Tensor:
+    """(N, window) token ids: the texts tokenised without special tokens, joined by EOS (where the tokenizer
+    has one) and cut into consecutive windows; the incomplete tail is dropped. What causal LMs calibrate and
+    are scored on: no padding, every position predicts the next token."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + eos
+    n = len(ids) // window
+    if n == 0:
+        raise PlannerError(f"the text has {len(ids)} tokens, fewer than one window of {window}: give more text")
+    return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
+
+
+def window_batches(tokenizer, texts: list[str], window: int, batch_size: int) -> list[dict]:
+    """Batches {input_ids, attention_mask, index} of token windows (see token_windows): the causal-LM
+    counterpart of `batches`."""
+    w = token_windows(tokenizer, texts, window)                      # (N, window)
+    return [{"input_ids": w[s:s + batch_size], "attention_mask": torch.ones_like(w[s:s + batch_size]),
+             "index": torch.arange(s, min(s + batch_size, len(w)))} for s in range(0, len(w), batch_size)]

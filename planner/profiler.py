@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import hardware, latency, sparse
+from . import hardware, latency, regimes, sparse
 from .adapters import get_adapter
 from .config import ProfileConfig
 from .data import latency_inputs
@@ -98,8 +98,10 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
         raise PlannerError("--device cuda asked for, but CUDA is not available here; use --device cpu")
     hardware.set_threads(cfg.threads)
     model, adapter = dense_model_from_config(model_path, DTYPES[cfg.dtype], cfg.device)
+    regimes.check_mode(adapter, cfg.mode)
+    if cfg.method == "module" and adapter.causal_lm:
+        raise PlannerError("--method module times BERT-style modules alone; profile decoders with --method model")
     shape = adapter.shape(model)
-    x = latency_inputs(shape.vocab, cfg.batch_size, cfg.seq_len, cfg.device)
     dense = {"attn": shape.attn_units, "ffn": shape.ffn}
     grids = {k: width_grid(k, dense[k], cfg.ffn_step) for k in KINDS}
     notes, floor, sparse_mods = [], 0.0, {}
@@ -108,7 +110,7 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     levels = _sparse_levels(cfg)
     mixed = latency.mixed_architectures(shape.n_layers, shape.attn_units, grids["ffn"], cfg.n_mixed, seed=0)
     if cfg.method == "model":
-        base, mods, all_removed, mixed_times, sparse_mods = _profile_in_model(model, adapter, x, grids, dense,
+        base, mods, all_removed, mixed_times, sparse_mods = _profile_in_model(model, adapter, grids, dense,
                                                                               mixed, cfg, progress, levels)
         # The timed all-removed model is a diagnostic of non-additivity (2-12 ms at batch 8 on a 2-core CPU,
         # where base - Σ dense modules came out near 0). Used as the constant it under-predicted speedups by
@@ -116,8 +118,9 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
         notes.append(f"all modules removed, timed: {all_removed * 1e3:.3f} ms")
         floor = float(all_removed)
     else:
+        x = latency_inputs(shape.vocab, cfg.batch_size, cfg.seq_len, cfg.device)
         base, mods = _profile_modules(model, adapter, x, grids, cfg, progress)
-        ratios = _time_variants(model, adapter, x, dict(enumerate(mixed)), cfg, progress, "validate")[0]
+        ratios = _time_variants(model, adapter, dict(enumerate(mixed)), cfg, progress, "validate")[0]
         mixed_times = {i: base["median"] * median(r) for i, r in ratios.items()}
     for k in KINDS:
         mods[k]["model"] = [float(t) for t in latency.smooth_curve(mods[k]["widths"], mods[k]["median"],
@@ -125,7 +128,7 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     constant = base["median"] - shape.n_layers * sum(mods[k]["model"][-1] for k in KINDS)
     prof = LatencyProfile(
         hardware=hardware.describe(cfg.device), shape={**shape.__dict__, "key": shape.key},
-        batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, mode="prefill", method=cfg.method,
+        batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, mode=cfg.mode, method=cfg.method,
         base=base, constant=float(constant), modules=mods, notes=notes, floor=floor, sparse=sparse_mods,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return _fit(prof, mixed, [mixed_times[i] for i in range(len(mixed))])
@@ -183,11 +186,12 @@ def _scaled(prof: LatencyProfile, s: float) -> LatencyProfile:
     return dataclasses.replace(prof, modules=mods, sparse=sp)
 
 
-def _forward(model, x):
-    return lambda: model(**x)
+def _forward(model, adapter, cfg):
+    """The timed call of `model` in the profiled regime (regimes.py)."""
+    return regimes.latency_call(model, adapter, cfg.mode, cfg.batch_size, cfg.seq_len, cfg.device)
 
 
-def _time_variants(model, adapter, x, variants: dict, cfg, progress, desc="profile"):
+def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"):
     """Time each variant (key -> per-layer specs) against the dense model, interleaved as `verify` does.
 
     Variants are built once and kept (when they fit in VARIANT_CACHE_BYTES), so every timing sees a long-lived
@@ -207,21 +211,22 @@ def _time_variants(model, adapter, x, variants: dict, cfg, progress, desc="profi
         if k in built:
             return built[k]
         v = _variant(model, adapter, variants[k])
-        time_calls(_forward(v, x), 0, max(cfg.warmup, 1), cfg.device)
+        fv = _forward(v, adapter, cfg)                  # decode: each variant holds its own KV cache
+        time_calls(fv, 0, max(cfg.warmup, 1), cfg.device)
         if keep:
-            built[k] = v
-        return v
+            built[k] = fv
+        return fv
 
     ratios = {k: [] for k in keys}
     bases = []
-    fd = _forward(model, x)
+    fd = _forward(model, adapter, cfg)
     time_calls(fd, 0, max(cfg.warmup, 1), cfg.device)
     bar = progress_bar(total=cfg.rounds * len(keys), desc=desc, progress=progress, unit="variant")
     for r in range(cfg.rounds):
         order = keys[:]
         random.Random(r).shuffle(order)
         for i, k in enumerate(order):
-            fv = _forward(get(k), x)
+            fv = get(k)
             td, tv = [], []
             for rep in range(cfg.reps):
                 pair = ((fd, td), (fv, tv)) if (i + rep) % 2 == 0 else ((fv, tv), (fd, td))
@@ -234,7 +239,7 @@ def _time_variants(model, adapter, x, variants: dict, cfg, progress, desc="profi
     return ratios, bases
 
 
-def _profile_in_model(model, adapter, x, grids, dense, mixed, cfg, progress, sparse_levels=()):
+def _profile_in_model(model, adapter, grids, dense, mixed, cfg, progress, sparse_levels=()):
     shape = adapter.shape(model)
     L = shape.n_layers
     # ("all", 0): every module removed, a diagnostic of how non-additive the savings are;
@@ -246,7 +251,7 @@ def _profile_in_model(model, adapter, x, grids, dense, mixed, cfg, progress, spa
     full = {"heads": shape.attn_units, "ffn": shape.ffn}
     variants.update({("sparse", k, lv, ker): [{**full, "sparse": {k: lv}, "kernel": ker}] * L
                      for k in KINDS for lv, ker in sparse_levels})
-    ratios, bases = _time_variants(model, adapter, x, variants, cfg, progress)
+    ratios, bases = _time_variants(model, adapter, variants, cfg, progress)
     t0 = median(bases)
     mods = {}
     for k in KINDS:
@@ -284,7 +289,7 @@ def _profile_modules(model, adapter, x, grids, cfg, progress):
         model(**x)
     h.remove()
     hidden, rest, kw = captured["a"][0], captured["a"][1:], captured["kw"]
-    base_times = time_calls(_forward(model, x), cfg.reps * cfg.rounds, cfg.warmup, cfg.device)
+    base_times = time_calls(_forward(model, adapter, cfg), cfg.reps * cfg.rounds, cfg.warmup, cfg.device)
     mods = {}
     bar = progress_bar(total=sum(len(g) for g in grids.values()), desc="profile", progress=progress, unit="option")
     for k in KINDS:

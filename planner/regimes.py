@@ -1,0 +1,71 @@
+"""Latency regimes: what one timed call is, for the profiler and for verify alike.
+
+- "prefill": the model on a batch of B prompts of T tokens. Encoders: a plain forward. Causal LMs: the prompt
+  pass of `generate()`: a fresh KV cache is filled and only the last position's logits are computed
+  (`logits_to_keep=1`), i.e. the time to the first token.
+- "decode": one new token per sequence against a KV cache holding T tokens, batch B (causal LMs only).
+  The cache is filled once; each call appends one token and crops the cache back to T, so every call sees
+  the same cache length and the same allocation pattern as a step of `generate()`.
+verify measures decode as a greedy generation loop (`generation_loop`): tokens/s over many cached steps.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .data import latency_inputs
+from .errors import PlannerError
+
+MODES = ("prefill", "decode")
+
+
+def check_mode(adapter, mode: str) -> None:
+    if mode not in MODES:
+        raise PlannerError(f"--mode must be one of {', '.join(MODES)}")
+    if mode == "decode" and not adapter.causal_lm:
+        raise PlannerError(f"--mode decode needs a causal language model; a {adapter.family} model has only the "
+                           f"prefill regime (use --mode prefill)")
+
+
+@torch.inference_mode()
+def _filled_cache(model, x: dict):
+    """A KV cache holding the prompt `x` (B, T), and the last prompt token (B, 1)."""
+    out = model(**x, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, x["input_ids"][:, -1:]
+
+
+def latency_call(model, adapter, mode: str, batch_size: int, seq_len: int, device: str = "cpu") -> Callable[[], object]:
+    """A zero-argument callable that runs one timed unit of `mode` on fixed inputs (run it under no_grad)."""
+    check_mode(adapter, mode)
+    x = latency_inputs(adapter.shape(model).vocab, batch_size, seq_len, device)        # (B, T) ids and mask
+    if mode == "prefill":
+        if adapter.causal_lm:
+            return lambda: model(**x, use_cache=True, logits_to_keep=1)
+        return lambda: model(**x)
+    cache, tok = _filled_cache(model, x)
+    mask = torch.ones(batch_size, seq_len + 1, dtype=torch.long, device=device)      # (B, T + 1)
+
+    def step():
+        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.crop(seq_len)                                   # back to T cached tokens for the next call
+        return out
+    return step
+
+
+def generation_loop(model, adapter, batch_size: int, cache_len: int, steps: int, device: str = "cpu"):
+    """A callable running `steps` greedy decode steps from a cache of `cache_len` tokens (the token fed back is
+    the argmax), then cropping the cache back: what `generate()` does per new token, without its bookkeeping."""
+    check_mode(adapter, "decode")
+    x = latency_inputs(adapter.shape(model).vocab, batch_size, cache_len, device)
+    cache, first = _filled_cache(model, x)
+    mask = torch.ones(batch_size, cache_len + steps, dtype=torch.long, device=device)  # (B, T + steps)
+
+    def run():
+        tok = first                                                                  # (B, 1)
+        for i in range(steps):
+            out = model(input_ids=tok, attention_mask=mask[:, :cache_len + i + 1], past_key_values=cache,
+                        use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)                                      # (B, 1)
+        cache.crop(cache_len)
+    return run
