@@ -79,7 +79,7 @@ def calibration_batches(model_path, calib_path, n, max_len, batch_size):
 
 
 def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, progress=True) -> Database:
-    model, adapter = load_model(model_path, device=cfg.device)
+    model, adapter = load_model(model_path, device="cpu" if cfg.offload else cfg.device)
     shape = adapter.shape(model)
     batches, calib_hash = calibration_batches(model_path, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
     levels = {"attn": width_grid("attn", shape.attn_units, 1), "ffn": prof.times("ffn").widths}
@@ -87,7 +87,8 @@ def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, pr
     if cfg.sparse and sparse and cfg.device == "cpu":
         levels["sparse"] = sparse          # only when asked for, so a structured-only database keeps its identity
     identity = {"model": fingerprint(model_path), "calibration": calib_hash}
-    return build_db(model, adapter, batches, db_dir, levels, DatabaseConfig(cfg.damp, cfg.val_fraction, cfg.device),
+    return build_db(model, adapter, batches, db_dir, levels, DatabaseConfig(cfg.damp, cfg.val_fraction, cfg.device,
+                                                                                cfg.offload),
                     identity, progress)
 
 

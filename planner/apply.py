@@ -15,7 +15,7 @@ import copy
 import torch
 
 from . import obs
-from .calibration import BlockInputs, capture_block_inputs, run_block
+from .calibration import BlockInputs, block_call, capture_block_inputs, run_block
 from .database import Database, sparse_weights
 from .errors import PlannerError
 from .progress import bar as progress_bar
@@ -71,12 +71,14 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
         return model
     if not batches:
         raise PlannerError("sequential apply needs calibration text")
-    dense = copy.deepcopy(model)
+    # Memory: beyond the model, one dense block copy and the calibration activations twice (dense and compressed
+    # paths, each n_tokens x d): a dense copy of the whole model is never made, so large models fit.
     dev = next(model.parameters()).device
-    d_in = capture_block_inputs(dense, adapter.layers(dense), batches, dev, adapter.forward_kwargs())
+    d_in = capture_block_inputs(model, blocks, batches, dev, adapter.forward_kwargs())   # still dense here
     c_in = BlockInputs(list(d_in.hidden), d_in.args, d_in.kwargs, d_in.masks)
     for i in progress_bar(range(len(blocks)), desc="apply (sequential)", progress=progress, unit="block"):
-        dblock, cblock = adapter.layers(dense)[i], blocks[i]
+        cblock = blocks[i]
+        dblock = copy.deepcopy(cblock)                     # block i before it is shrunk: the dense reference
         for kind in KINDS:
             def fit(lin, cols, kind=kind):
                 H_hat, C = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in, c_in)
@@ -85,7 +87,7 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
             _sparsify(adapter, cblock, i, kind, plan.layers[i], db, damp)
         d_in = d_in.with_hidden(run_block(dblock, d_in))
         c_in = c_in.with_hidden(run_block(cblock, c_in))
-    del dense
+        del dblock
     return model
 
 
@@ -128,8 +130,8 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
     h2 = comp_lin.register_forward_pre_hook(lambda m, a: got.__setitem__("xh", a[0]))
     try:
         for xd, xc, a, kw, mask in zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks):
-            dblock(xd, *a, **kw)
-            cblock(xc, *a, **kw)
+            block_call(dblock, xd, a, kw)
+            block_call(cblock, xc, a, kw)
             x = got["x"][mask].double()                               # (tokens, d_in)
             xh = got["xh"][mask].double()
             H_hat += xh.T @ xh

@@ -61,14 +61,34 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     return BlockInputs(hidden, args, kwargs, masks)
 
 
+def to_device(obj, device):
+    """`obj` with every tensor inside it (nested tuples, lists, dicts) on `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def block_call(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The block's output (B, T, d) on one captured batch. The block runs on its own device: with offloading
+    only the block being processed is on the accelerator, the captured activations stay where they are and
+    the output comes back to x's device."""
+    dev = next(block.parameters()).device
+    if x.device != dev:
+        x, args, kwargs = x.to(dev), to_device(args, dev), to_device(kwargs, dev)
+    y = block(x, *args, **kwargs)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    return y.to(x.device) if y.device != x.device else y
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs for every batch: (B, T, d) each."""
-    outs = []
-    for x, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
-        y = block(x, *a, **kw)
-        outs.append(y[0] if isinstance(y, (tuple, list)) else y)
-    return outs
+    """The block's outputs for every batch: (B, T, d) each, on the inputs' device."""
+    return [block_call(block, x, a, kw).to(m.device) for x, a, kw, m in
+            zip(inputs.hidden, inputs.args, inputs.kwargs, inputs.masks)]
 
 
 @contextmanager

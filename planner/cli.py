@@ -159,6 +159,8 @@ def _plan_opts(f):
                      help="SPDY search: score N candidate plans per target by the stitched model's calibration "
                           "loss and keep the best (0: the plain DP); resumable"),
         click.option("--search-minutes", type=float, default=None, help="time budget of the search per target"),
+        click.option("--offload", is_flag=True,
+                     help="keep the model in CPU memory and move one block at a time to --device (large models)"),
     ]):
         f = opt(f)
     return f
@@ -168,7 +170,8 @@ def _plan_cfg(targets, kw, device="cpu") -> PlanConfig:
     return PlanConfig(targets=tuple(targets), calib_path=str(kw["calib"]) if kw["calib"] else None,
                       n_calib=kw["n_calib"], error_norm=kw["error_norm"], val_fraction=kw["val_fraction"],
                       sequential=kw["sequential"], allow_other_machine=kw["allow_other_machine"], device=device,
-                      sparse=kw["sparse"], search=kw["search"], search_minutes=kw["search_minutes"])
+                      sparse=kw["sparse"], search=kw["search"], search_minutes=kw["search_minutes"],
+                      offload=kw["offload"])
 
 
 def _recover_opts(prefix: str = "", full: bool = True):

@@ -67,6 +67,7 @@ class PlanConfig:
     search_minutes: float | None = None   # stop generating candidates after this long (per target)
     n_buckets: int = 10_000
     device: str = "cpu"
+    offload: bool = False           # keep the model in CPU memory, move one block at a time to `device`
     allow_other_machine: bool = False
 
     def __post_init__(self):

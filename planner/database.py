@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import io, obs
-from .calibration import BlockInputs, capture_block_inputs, run_block
+from .calibration import BlockInputs, block_call, capture_block_inputs, run_block
 from .errors import PlannerError
 from .progress import bar as progress_bar
 from .sparsegpt import sparsegpt
@@ -40,6 +40,7 @@ class DatabaseConfig:
     damp: float
     val_fraction: float
     device: str = "cpu"
+    offload: bool = False      # the model stays in CPU memory; each block visits `device` only while processed
 
     def to_dict(self):
         return {"damp": self.damp, "val_fraction": self.val_fraction}
@@ -166,11 +167,11 @@ class _Stats:
 
     def run(self, block, inputs: BlockInputs) -> list[torch.Tensor]:
         outs = []
+        dev = next(block.parameters()).device
         with torch.no_grad():
             for x, a, kw, m in zip(inputs.hidden, inputs.args, inputs.kwargs, inputs.masks):
-                self.mask = m
-                y = block(x, *a, **kw)
-                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+                self.mask = m.to(dev)                                # the hooks see the block's device
+                outs.append(block_call(block, x, a, kw).to(m.device))
         return outs
 
     def close(self):
@@ -194,8 +195,8 @@ def _sparse_errors(block, adapter, kind, levels, H_slots, val: BlockInputs, damp
         h = adapter.consumer(b, kind).register_forward_hook(lambda m, a, y: got.append(y))
         try:
             for x, a, kw, m in zip(val.hidden, val.args, val.kwargs, val.masks):
-                b(x, *a, **kw)                                       # the hook appends (B, T, d)
-                got[-1] = got[-1][m].double()                        # (tokens, d) real tokens only
+                block_call(b, x, a, kw)                              # the hook appends (B, T, d)
+                got[-1] = got[-1][m.to(got[-1].device)].double()     # (tokens, d) real tokens only
         finally:
             h.remove()
         return got
@@ -250,10 +251,14 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
         raise PlannerError("calibration data has no tokens: give a text file with at least a few passages")
     bar = progress_bar(total=len(blocks), desc="OBS database", progress=progress, unit="block")
     for i, block in enumerate(blocks):
+        if cfg.offload:
+            block.to(dev)
         if i in done:                                               # resume: only push activations through
             new_val = run_block(block, val) if val is not train else None
             train = train.with_hidden(run_block(block, train))
             val = val.with_hidden(new_val) if new_val is not None else train
+            if cfg.offload:
+                block.to("cpu")
             bar.update()
             continue
         st_train = _Stats(block, adapter, dev, slots=bool(sparse_levels))
@@ -310,6 +315,8 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
         train, val = train.with_hidden(out_train), (val.with_hidden(out_val) if val is not train else None)
         if val is None:
             val = train
+        if cfg.offload:
+            block.to("cpu")
         bar.update()
     bar.close()
     return Database(out)

@@ -1,0 +1,65 @@
+"""The calibration loop: device moves, offloaded database builds, and token windows for causal LMs."""
+import json
+
+import pytest
+import torch
+
+from planner import data
+from planner.calibration import block_call, capture_block_inputs, to_device
+from planner.database import DatabaseConfig, build
+from planner.models import load_model
+
+from .conftest import make_tiny
+
+
+def test_to_device_moves_nested_tensors_and_keeps_the_rest():
+    x = {"a": (torch.ones(2), None, [torch.zeros(1), 3]), "b": "text"}
+    y = to_device(x, "meta")
+    assert y["a"][0].device.type == "meta" and y["a"][2][0].device.type == "meta"
+    assert y["a"][1] is None and y["a"][2][1] == 3 and y["b"] == "text"
+    assert isinstance(y["a"], tuple) and isinstance(y["a"][2], list)
+
+
+def test_offloaded_build_equals_the_plain_one(tmp_path):
+    model_dir = make_tiny(tmp_path / "m", layers=2)
+    m, ad = load_model(model_dir)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(5, m.config.vocab_size, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(4)]
+    levels = {"attn": [0, 1, 2, 4], "ffn": [0, 32, 64, 128]}
+    a = build(m, ad, batches, tmp_path / "a", levels, DatabaseConfig(0.01, 0.25), {"m": 1}, progress=False)
+    b = build(m, ad, batches, tmp_path / "b", levels, DatabaseConfig(0.01, 0.25, "cpu", offload=True), {"m": 1},
+              progress=False)
+    assert json.dumps(a.index["layers"], sort_keys=True) == json.dumps(b.index["layers"], sort_keys=True)
+    for i in range(2):
+        for k, t in a.tensors(i).items():
+            assert torch.equal(t, b.tensors(i)[k])
+
+
+def test_block_call_returns_the_block_output(tmp_path):
+    m, ad = load_model(make_tiny(tmp_path / "m", layers=2))
+    ids = torch.randint(5, m.config.vocab_size, (2, 10))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    inp = capture_block_inputs(m, ad.layers(m), batches)
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[1]
+        got = block_call(ad.layers(m)[0], inp.hidden[0], inp.args[0], inp.kwargs[0])
+    torch.testing.assert_close(got, ref)
+
+
+class _Tok:
+    """Whitespace 'tokenizer': one id per word, EOS = 1."""
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + len(w) for w in text.split()]}
+
+
+def test_token_windows_join_texts_with_eos_and_drop_the_tail():
+    w = data.token_windows(_Tok(), ["a bb ccc", "dddd e"], 3)          # ids 3 4 5 1 6 3 1 -> two windows of 3
+    assert w.tolist() == [[3, 4, 5], [1, 6, 3]]
+    batches = data.window_batches(_Tok(), ["a bb ccc", "dddd e"] * 3, 4, 2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 4), (2, 4), (1, 4)]
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+    with pytest.raises(Exception, match="fewer than one window"):
+        data.token_windows(_Tok(), ["a"], 8)
