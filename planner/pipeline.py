@@ -37,6 +37,11 @@ class RunConfig:
     baseline: bool = True
 
 
+# verify's quality numbers shown in the results table, with their format: encoders / causal LMs
+RESULT_METRICS = {"cosine": ".3f", "spearman": ".3f", "nn_agree": ".3f", "ppl_dense": ".2f", "ppl": ".2f",
+                  "ppl_increase": "+.1%", "top1_agree": ".3f", "tokens_per_s": ".0f"}
+
+
 def _log(msg, quiet):
     if not quiet:
         print(msg, flush=True)
@@ -47,7 +52,8 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     progress = not quiet
     pc = cfg.profile
-    prof_path = out / f"profile-b{pc.batch_size}-s{pc.seq_len}-{pc.dtype}.json"
+    regime = "" if pc.mode == "prefill" else f"{pc.mode}-"
+    prof_path = out / f"profile-{regime}b{pc.batch_size}-s{pc.seq_len}-{pc.dtype}.json"
     if prof_path.exists():
         _log(f"[1/4] profile: reusing {prof_path}", quiet)
     else:
@@ -77,7 +83,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         api.apply(model_path, p, mdir, select=select, weights=weights, progress=progress)
         _log(f"      {mdir.name}: written", quiet)
 
-    _log(f"[4/4] verify: interleaved timing and held-out quality", quiet)
+    _log(f"[4/4] verify: interleaved timing ({pc.mode}) and held-out quality", quiet)
     dense = api.load(model_path)
     rows = []
     for p, mdir, select, _ in jobs:
@@ -86,13 +92,13 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             rep = VerifyReport.load(rpath)
         else:
             vc = VerifyConfig(**{**cfg.verify.__dict__, "batch_size": pc.batch_size, "seq_len": pc.seq_len,
-                                 "threads": pc.threads})
+                                 "threads": pc.threads, "mode": pc.mode})
             rep = api.verify(model_path, mdir, vc, profile_path=prof_path, out=rpath, dense_model=dense,
                              progress=progress)
         rows.append({"method": p.method, "target": p.target_speedup, "predicted": rep.predicted_speedup,
                      "measured": rep.measured_speedup, "pred/meas-1": rep.prediction_ratio - 1,
-                     "cosine": rep.quality["cosine"], "spearman": rep.quality["spearman"],
-                     "nn_agree": rep.quality["nn_agree"], "params_M": rep.sizes["compressed_params"] / 1e6})
+                     **{k: rep.quality[k] for k in RESULT_METRICS if k in rep.quality},
+                     "params_M": rep.sizes["compressed_params"] / 1e6})
     df = pd.DataFrame(rows)
     table = format_results(df, prof)
     with io.atomic_path(out / "results.md") as tmp:
@@ -110,7 +116,8 @@ def format_results(df: pd.DataFrame, prof: LatencyProfile) -> str:
         d[c] = d[c].map(lambda x: f"{x:.2f}x")
     d["target"] = d["target"].map(lambda x: f"{x:g}x")
     d["pred/meas-1"] = d["pred/meas-1"].map(lambda x: f"{x:+.1%}")
-    for c in ("cosine", "spearman", "nn_agree"):
-        d[c] = d[c].map(lambda x: f"{x:.3f}")
+    for c, f in RESULT_METRICS.items():
+        if c in d:
+            d[c] = d[c].map(lambda x, f=f: format(x, f))
     d["params_M"] = d["params_M"].map(lambda x: f"{x:.1f}")
     return f"Conditions: {prof.conditions}\n\n" + d.to_markdown(index=False)

@@ -16,7 +16,8 @@ from .types import LatencyProfile, Plan, VerifyReport
 # one colour per method, stable across figures (planner first, baselines after)
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 # quality metrics where higher is better and the dense model scores 1 (others are plotted as they are)
-QUALITY_METRICS = ("spearman", "nn_agree", "cosine")
+QUALITY_METRICS = ("spearman", "nn_agree", "cosine", "ppl_increase", "top1_agree")   # first two present are plotted
+DENSE_VALUE = {"spearman": 1.0, "nn_agree": 1.0, "cosine": 1.0, "ppl_increase": 0.0, "top1_agree": 1.0}
 
 
 def _method_colors(methods) -> dict:
@@ -150,8 +151,8 @@ def frontier(reports: list[tuple[str, float, VerifyReport]], metrics=None) -> Fi
             ax.plot(xs, ys, "o-", color=colors[m], label=m)
             for (t, _), xx, yy in zip(rows, xs, ys):
                 ax.annotate(f"{t:g}x", (xx, yy), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if metric in QUALITY_METRICS:
-            ax.plot([1.0], [1.0], "k*", ms=9, label="dense")
+        if metric in DENSE_VALUE:
+            ax.plot([1.0], [DENSE_VALUE[metric]], "k*", ms=9, label="dense")
         ax.set_xlabel("measured speedup (×)")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} kept vs measured speedup", fontsize=10)
