@@ -48,8 +48,9 @@ def latency_call(model, adapter, mode: str, batch_size: int, seq_len: int, devic
 
     def step():
         out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache.crop(seq_len)                                   # back to T cached tokens for the next call
+        cache.crop(-1)                            # back to T cached tokens (transformers 5: crop(-n) drops n)
         return out
+    step.cache = cache                                        # for inspection (tests)
     return step
 
 
@@ -67,5 +68,5 @@ def generation_loop(model, adapter, batch_size: int, cache_len: int, steps: int,
             out = model(input_ids=tok, attention_mask=mask[:, :cache_len + i + 1], past_key_values=cache,
                         use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)                                      # (B, 1)
-        cache.crop(cache_len)
+        cache.crop(-steps)                                                           # back to cache_len
     return run

@@ -1,0 +1,140 @@
+"""Structurally pruned Llama-family decoders (Llama, Mistral, Qwen2), written by `planner apply`.
+
+This file is copied next to the weights so that the checkpoint loads with plain Hugging Face transformers
+(`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`), without the planner installed. It only
+depends on torch and transformers. `config.planner_layers[i]` gives layer i's kept attention units and FFN
+neurons. An attention unit is one KV group: a key/value head and the G = num_attention_heads //
+num_key_value_heads query heads that read it, so the kept widths are q: heads*G*head_dim, k/v: heads*head_dim
+rows, and `num_key_value_groups` (G) is unchanged. 0 means the module is removed: the block is pre-norm
+(h + module(norm(h))), so only the module's output bias (if any) remains, and its input norm, whose output
+nothing reads any more, becomes an identity. An "attn_sparsity" / "ffn_sparsity" entry means that module's
+linears were sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
+"""
+import torch
+import transformers
+from torch import nn
+
+from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
+
+
+class RemovedAttention(nn.Module):
+    """Stands in for an attention module with zero KV groups: returns (o_proj's bias or a 0-dim zero, None).
+
+    Generation reads positions and mask sizes from the KV cache (`get_seq_length()` of layer 0, the mask sizes
+    of the first full-attention layer), so this layer still advances its cache slot by the T new tokens. A
+    slot of zero heads would not do: a DynamicLayer with no elements reports length 0. The placeholder is one
+    zero per token, (B, 1, T, 1): negligible next to a real layer's (B, kv_heads, T, head_dim) keys."""
+
+    def __init__(self, layer_idx, hidden, bias):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t = hidden_states.shape[:2]
+            kv = hidden_states.new_zeros(b, 1, t, 1)                 # (B, 1, T, 1) keeps this slot's length right
+            past_key_values.update(kv, kv, self.layer_idx)
+        out = self.bias if self.bias is not None else hidden_states.new_zeros(())   # (d,) or () broadcast on h
+        return out, None
+
+
+class RemovedMLP(nn.Module):
+    """Stands in for an FFN with zero neurons: returns down_proj's bias, or a 0-dim zero."""
+
+    def __init__(self, hidden, bias):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states):
+        return self.bias if self.bias is not None else hidden_states.new_zeros(())
+
+
+def planner_head_dim(config):
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def planner_sparse_slots(layer, kind):
+    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a decoder layer; the consumer is last."""
+    if kind == "attn":
+        sa = layer.self_attn
+        return [(sa, "q_proj"), (sa, "k_proj"), (sa, "v_proj"), (sa, "o_proj")]
+    mlp = layer.mlp
+    return [(mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
+
+
+def planner_remove_attention(layer, layer_idx, hidden):
+    """Replace the layer's attention (and its now unread input norm) by what is left of it; returns the new
+    module so the caller can copy o_proj's bias into it."""
+    o = layer.self_attn.o_proj
+    layer.self_attn = RemovedAttention(layer_idx, hidden, o.bias is not None).to(o.weight.device, o.weight.dtype)
+    layer.input_layernorm = nn.Identity()
+    return layer.self_attn
+
+
+def planner_remove_mlp(layer, hidden):
+    """Replace the layer's FFN (and its now unread input norm) by what is left of it; returns the new module."""
+    down = layer.mlp.down_proj
+    layer.mlp = RemovedMLP(hidden, down.bias is not None).to(down.weight.device, down.weight.dtype)
+    layer.post_attention_layernorm = nn.Identity()
+    return layer.mlp
+
+
+def planner_reshape_layer(layer, layer_idx, heads, ffn, config, attn_sparsity=0.0, ffn_sparsity=0.0):
+    """Give `layer` the module shapes of `heads` kept KV groups and `ffn` kept neurons (weights uninitialised);
+    a module with a sparsity > 0 gets CSR linears."""
+    d, hd = config.hidden_size, planner_head_dim(config)
+    group = config.num_attention_heads // config.num_key_value_heads       # query heads per KV head
+    if heads == 0:
+        if not isinstance(layer.self_attn, RemovedAttention):
+            planner_remove_attention(layer, layer_idx, d)
+    elif layer.self_attn.k_proj.out_features != heads * hd:
+        sa = layer.self_attn
+        sa.q_proj = _linear_like(sa.q_proj, out_features=heads * group * hd)
+        sa.k_proj = _linear_like(sa.k_proj, out_features=heads * hd)
+        sa.v_proj = _linear_like(sa.v_proj, out_features=heads * hd)
+        sa.o_proj = _linear_like(sa.o_proj, in_features=heads * group * hd)
+    if ffn == 0:
+        if not isinstance(layer.mlp, RemovedMLP):
+            planner_remove_mlp(layer, d)
+    elif layer.mlp.gate_proj.out_features != ffn:
+        mlp = layer.mlp
+        mlp.gate_proj = _linear_like(mlp.gate_proj, out_features=ffn)
+        mlp.up_proj = _linear_like(mlp.up_proj, out_features=ffn)
+        mlp.down_proj = _linear_like(mlp.down_proj, in_features=ffn)
+    for kind, level, width in (("attn", attn_sparsity, heads), ("ffn", ffn_sparsity, ffn)):
+        if level and width:
+            for parent, name in planner_sparse_slots(layer, kind):
+                lin = getattr(parent, name)
+                if not isinstance(lin, PlannerCsrLinear):
+                    setattr(parent, name, csr_like(lin, level))
+
+
+def planner_reshape_model(model, config):
+    spec = getattr(config, "planner_layers", None)
+    if not spec:
+        return
+    layers = model.base_model.layers
+    if len(spec) != len(layers):
+        raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
+    for i, (layer, s) in enumerate(zip(layers, spec)):
+        planner_reshape_layer(layer, i, int(s["heads"]), int(s["ffn"]), config, float(s.get("attn_sparsity", 0.0)),
+                              float(s.get("ffn_sparsity", 0.0)))
+
+
+def _make(base_name):
+    base_cls = getattr(transformers, base_name)
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        planner_reshape_model(self, config)
+
+    return type("Planner" + base_name, (base_cls,), {"__init__": __init__, "__module__": __name__})
+
+
+_FAMILIES = ("Llama", "Mistral", "Qwen2")
+_HEADS = ("Model", "ForCausalLM")
+for _f in _FAMILIES:
+    for _h in _HEADS:
+        if hasattr(transformers, _f + _h):
+            globals()["Planner" + _f + _h] = _make(_f + _h)
