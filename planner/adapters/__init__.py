@@ -36,3 +36,4 @@ def adapter_for(model) -> Adapter:
 
 from . import bert  # noqa: E402,F401  (registers itself)
 from . import llama  # noqa: E402,F401
+from . import gpt2, opt  # noqa: E402,F401

@@ -1,0 +1,161 @@
+"""Structurally pruned GPT-2 models, written by `planner apply`.
+
+This file is copied next to the weights so that the checkpoint loads with plain Hugging Face transformers
+(`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`), without the planner installed. It only
+depends on torch and transformers.
+
+GPT-2 stores its block linears as `Conv1D` with transposed weights (in, out). The planner turns them into
+`nn.Linear` (weight (out, in)) before doing anything else, and these classes do the same in `__init__`
+before the weights are loaded: the saved `c_attn.weight` etc. are Linear weights, under GPT-2's key names.
+`config.planner_layers[i]` gives layer i's kept attention heads and FFN neurons. The fused `c_attn`
+(d -> 3 * heads * head_dim) keeps the q, k and v rows of the kept heads. 0 means the module is removed: the
+block is pre-LN (h + module(ln(h))), so only the module's output bias remains and its input LayerNorm, whose
+output nothing reads any more, becomes an identity. An "attn_sparsity" / "ffn_sparsity" entry means that
+module's linears were sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
+"""
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
+
+
+class RemovedAttention(nn.Module):
+    """Stands in for an attention module with zero heads: returns (c_proj's bias or a 0-dim zero, None).
+
+    Generation reads positions and mask sizes from the KV cache (`get_seq_length()` of layer 0), so this layer
+    still advances its cache slot by the T new tokens. A slot of zero heads would not do: a DynamicLayer whose
+    tensors have no elements reports length 0. The placeholder is one zero per token, (B, 1, T, 1):
+    negligible next to a real layer's (B, heads, T, head_dim) keys."""
+
+    def __init__(self, layer_idx, hidden, bias):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t = hidden_states.shape[:2]
+            kv = hidden_states.new_zeros(b, 1, t, 1)                 # (B, 1, T, 1) keeps this slot's length right
+            past_key_values.update(kv, kv, self.layer_idx)
+        out = self.bias if self.bias is not None else hidden_states.new_zeros(())   # (d,) or () broadcast on h
+        return out, None
+
+
+class RemovedMLP(nn.Module):
+    """Stands in for an FFN with zero neurons: returns its consumer's bias, or a 0-dim zero."""
+
+    def __init__(self, hidden, bias):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states):
+        return self.bias if self.bias is not None else hidden_states.new_zeros(())
+
+
+def _linear_from_conv1d(conv):
+    """An nn.Linear computing what `conv` computes: weight (out, in) = conv.weight (in, out) transposed."""
+    nx, nf = conv.weight.shape
+    lin = nn.Linear(nx, nf, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.T)
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias)
+    return lin.train(conv.training)
+
+
+def planner_prepare_(model):
+    """Every Conv1D in the blocks (c_attn, attn.c_proj, c_fc, mlp.c_proj) becomes an nn.Linear, in place."""
+    for block in model.base_model.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    setattr(parent, name, _linear_from_conv1d(child))
+    return model
+
+
+def planner_slots(layer, kind):
+    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a block, the consumer last; [] if removed."""
+    if kind == "attn":
+        a = layer.attn
+        return [] if isinstance(a, RemovedAttention) else [(a, "c_attn"), (a, "c_proj")]
+    m = layer.mlp
+    return [] if isinstance(m, RemovedMLP) else [(m, "c_fc"), (m, "c_proj")]
+
+
+def planner_remove_(layer, kind):
+    """Replace module `kind` by its stand-in (and its input LayerNorm by an identity); returns the stand-in
+    (bias zero: the caller copies the consumer's bias into it)."""
+    consumer = getattr(*planner_slots(layer, kind)[-1])
+    d, to = consumer.out_features, dict(device=consumer.weight.device, dtype=consumer.weight.dtype)
+    if kind == "attn":
+        layer.attn = RemovedAttention(layer.attn.layer_idx, d, consumer.bias is not None).to(**to)
+        layer.ln_1 = nn.Identity()
+        return layer.attn
+    layer.mlp = RemovedMLP(d, consumer.bias is not None).to(**to)
+    layer.ln_2 = nn.Identity()
+    return layer.mlp
+
+
+def planner_set_heads_(layer, heads):
+    """Size attributes of an attention that keeps `heads` heads: forward splits c_attn's output into q, k, v of
+    `split_size` columns each and views them as (-1, head_dim); embed_dim (c_proj's output) is unchanged."""
+    a = layer.attn
+    a.num_heads = heads
+    a.split_size = heads * a.head_dim
+
+
+def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_sparsity=0.0):
+    """Give `layer` the module shapes of `heads` kept heads and `ffn` kept neurons (weights uninitialised);
+    a module with a sparsity > 0 gets CSR linears."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    for kind, width, level in (("attn", heads * head_dim, attn_sparsity), ("ffn", ffn, ffn_sparsity)):
+        slots = planner_slots(layer, kind)
+        if width == 0:
+            if slots:
+                planner_remove_(layer, kind)
+            continue
+        *producers, (cp, cn) = slots
+        consumer = getattr(cp, cn)
+        if consumer.in_features != width:
+            for p, n in producers:                   # c_attn stacks q, k, v: out_features = 3 * width
+                lin = getattr(p, n)
+                setattr(p, n, _linear_like(lin, out_features=lin.out_features // consumer.in_features * width))
+            setattr(cp, cn, _linear_like(consumer, in_features=width))
+        if level:
+            for p, n in slots:
+                if not isinstance(getattr(p, n), PlannerCsrLinear):
+                    setattr(p, n, csr_like(getattr(p, n), level))
+    if heads:
+        planner_set_heads_(layer, heads)
+
+
+def planner_reshape_model(model, config):
+    spec = getattr(config, "planner_layers", None)
+    if not spec:
+        return
+    layers = model.base_model.h
+    if len(spec) != len(layers):
+        raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
+    for layer, s in zip(layers, spec):
+        planner_reshape_layer(layer, int(s["heads"]), int(s["ffn"]), config, float(s.get("attn_sparsity", 0.0)),
+                              float(s.get("ffn_sparsity", 0.0)))
+
+
+def _make(base_name):
+    base_cls = getattr(transformers, base_name)
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        planner_prepare_(self)                       # Linear (out, in) layers: the saved weights' layout
+        planner_reshape_model(self, config)
+
+    return type("Planner" + base_name, (base_cls,), {"__init__": __init__, "__module__": __name__})
+
+
+_FAMILIES = ("GPT2",)
+_HEADS = ("Model", "LMHeadModel")
+for _f in _FAMILIES:
+    for _h in _HEADS:
+        globals()["Planner" + _f + _h] = _make(_f + _h)

@@ -1,0 +1,179 @@
+"""Structurally pruned OPT models, written by `planner apply`.
+
+This file is copied next to the weights so that the checkpoint loads with plain Hugging Face transformers
+(`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`), without the planner installed. It only
+depends on torch and transformers. `config.planner_layers[i]` gives layer i's kept attention heads and FFN
+neurons; 0 means the module is removed and only its output projection's bias remains on the residual stream.
+Pre-LN OPT (`do_layer_norm_before`, opt-125m and most sizes): the removed module's input LayerNorm, whose
+output nothing reads any more, becomes an identity. Post-LN OPT (opt-350m): the LayerNorm after the module
+stays and normalises residual + bias. An "attn_sparsity" / "ffn_sparsity" entry means that module's linears
+were sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
+
+The decoder layers run as `PlannerOPTDecoderLayer`, whose forward keeps the FFN's activations (B, T, d)
+where transformers flattens them to (B*T, d); same numbers.
+"""
+import torch
+import transformers
+from torch import nn
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
+
+
+class PlannerOPTDecoderLayer(OPTDecoderLayer):
+    """OPTDecoderLayer with the FFN on (B, T, d) instead of transformers' (B*T, d), so that every linear's input
+    lines up with the (B, T) token mask of the batch (the planner's calibration hooks rely on it)."""
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None,
+                **kwargs):
+        residual = hidden_states                                     # (B, T, d)
+        if self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, past_key_values=past_key_values,
+                                          position_ids=position_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = residual + hidden_states
+        if not self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        residual = hidden_states                                     # (B, T, d)
+        if self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.fc2(self.activation_fn(self.fc1(hidden_states)))      # (B, T, ffn) -> (B, T, d)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = residual + hidden_states
+        if not self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states
+
+
+class RemovedAttention(nn.Module):
+    """Stands in for an attention module with zero heads: returns (out_proj's bias or a 0-dim zero, None).
+
+    Generation reads positions and mask sizes from the KV cache (`get_seq_length()` of layer 0), so this layer
+    still advances its cache slot by the T new tokens. A slot of zero heads would not do: a DynamicLayer whose
+    tensors have no elements reports length 0. The placeholder is one zero per token, (B, 1, T, 1):
+    negligible next to a real layer's (B, heads, T, head_dim) keys."""
+
+    def __init__(self, layer_idx, hidden, bias):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t = hidden_states.shape[:2]
+            kv = hidden_states.new_zeros(b, 1, t, 1)                 # (B, 1, T, 1) keeps this slot's length right
+            past_key_values.update(kv, kv, self.layer_idx)
+        out = self.bias if self.bias is not None else hidden_states.new_zeros(())   # (d,) or () broadcast on h
+        return out, None
+
+
+class RemovedFc1(nn.Module):
+    """fc1 of an FFN with zero neurons: (..., d) -> (..., 0), so the activation has nothing to compute."""
+
+    def forward(self, hidden_states):
+        return hidden_states[..., :0]
+
+
+class RemovedFc2(nn.Module):
+    """fc2 of an FFN with zero neurons: returns its bias, or a 0-dim zero (broadcast on the residual)."""
+
+    def __init__(self, hidden, bias):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states):
+        return self.bias if self.bias is not None else hidden_states.new_zeros(())
+
+
+def planner_prepare_(model):
+    """Every decoder layer runs PlannerOPTDecoderLayer's forward (same modules, same weights), in place."""
+    for layer in model.base_model.decoder.layers:
+        layer.__class__ = PlannerOPTDecoderLayer
+    return model
+
+
+def planner_slots(layer, kind):
+    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a layer, the consumer last; [] if removed."""
+    if kind == "attn":
+        a = layer.self_attn
+        return [] if isinstance(a, RemovedAttention) else [(a, "q_proj"), (a, "k_proj"), (a, "v_proj"), (a, "out_proj")]
+    return [] if isinstance(layer.fc2, RemovedFc2) else [(layer, "fc1"), (layer, "fc2")]
+
+
+def planner_remove_(layer, kind):
+    """Replace module `kind` by its stand-in (pre-LN: its input LayerNorm by an identity; post-LN keeps the
+    LayerNorm after it); returns the stand-in (bias zero: the caller copies the consumer's bias into it)."""
+    consumer = getattr(*planner_slots(layer, kind)[-1])
+    d, to = consumer.out_features, dict(device=consumer.weight.device, dtype=consumer.weight.dtype)
+    if kind == "attn":
+        layer.self_attn = RemovedAttention(layer.self_attn.layer_idx, d, consumer.bias is not None).to(**to)
+        if layer.do_layer_norm_before:
+            layer.self_attn_layer_norm = nn.Identity()
+        return layer.self_attn
+    layer.fc1, layer.fc2 = RemovedFc1(), RemovedFc2(d, consumer.bias is not None).to(**to)
+    if layer.do_layer_norm_before:
+        layer.final_layer_norm = nn.Identity()
+    return layer.fc2
+
+
+def planner_set_heads_(layer, heads):
+    """Size attributes of an attention that keeps `heads` heads: forward views q, k, v as (num_heads, head_dim)."""
+    layer.self_attn.num_heads = heads
+
+
+def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_sparsity=0.0):
+    """Give `layer` the module shapes of `heads` kept heads and `ffn` kept neurons (weights uninitialised);
+    a module with a sparsity > 0 gets CSR linears."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    for kind, width, level in (("attn", heads * head_dim, attn_sparsity), ("ffn", ffn, ffn_sparsity)):
+        slots = planner_slots(layer, kind)
+        if width == 0:
+            if slots:
+                planner_remove_(layer, kind)
+            continue
+        *producers, (cp, cn) = slots
+        if getattr(cp, cn).in_features != width:
+            for p, n in producers:
+                setattr(p, n, _linear_like(getattr(p, n), out_features=width))
+            setattr(cp, cn, _linear_like(getattr(cp, cn), in_features=width))
+        if level:
+            for p, n in slots:
+                if not isinstance(getattr(p, n), PlannerCsrLinear):
+                    setattr(p, n, csr_like(getattr(p, n), level))
+    if heads:
+        planner_set_heads_(layer, heads)
+
+
+def planner_reshape_model(model, config):
+    spec = getattr(config, "planner_layers", None)
+    if not spec:
+        return
+    layers = model.base_model.decoder.layers
+    if len(spec) != len(layers):
+        raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
+    for layer, s in zip(layers, spec):
+        planner_reshape_layer(layer, int(s["heads"]), int(s["ffn"]), config, float(s.get("attn_sparsity", 0.0)),
+                              float(s.get("ffn_sparsity", 0.0)))
+
+
+def _make(base_name):
+    base_cls = getattr(transformers, base_name)
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        planner_prepare_(self)
+        planner_reshape_model(self, config)
+
+    # device_map="auto" must not split a layer, which now has this class name
+    no_split = [*base_cls._no_split_modules, PlannerOPTDecoderLayer.__name__]
+    return type("Planner" + base_name, (base_cls,), {"__init__": __init__, "__module__": __name__,
+                                                      "_no_split_modules": no_split})
+
+
+_FAMILIES = ("OPT",)
+_HEADS = ("Model", "ForCausalLM")
+for _f in _FAMILIES:
+    for _h in _HEADS:
+        globals()["Planner" + _f + _h] = _make(_f + _h)
