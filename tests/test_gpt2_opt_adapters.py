@@ -356,8 +356,8 @@ def test_profile_plan_apply_verify(tmp_path, calib_file, heldout_file, case, mod
     prof, ppath = planner.profile(d, ProfileConfig(batch_size=2, seq_len=16, mode=mode, rounds=1, threads=1,
                                                    n_mixed=3), out=tmp_path / "p.json", progress=False)
     assert prof.mode == mode and prof.shape["family"] == adapter_for(planner.load(d)).family
-    assert prof.times("attn").widths == list(range(H + 1)) and 1.0 < prof.max_speedup() < float("inf")
-    target = round(min(1.3, 0.7 * prof.max_speedup()), 2)
+    assert prof.times("attn").widths == list(range(H + 1)) and 1.01 < prof.max_speedup() < float("inf")
+    target = round(1 + min(0.3, (prof.max_speedup() - 1) / 2), 3)     # reachable however noisy the timings
     [plan] = planner.plan(d, ppath, PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64,
                                                calib_max_len=32), tmp_path / "plans", progress=False)
     assert plan.predicted_speedup >= target * 0.999
