@@ -76,7 +76,8 @@ def block_call(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> 
     """The block's output (B, T, d) on one captured batch. The block runs on its own device: with offloading
     only the block being processed is on the accelerator, the captured activations stay where they are and
     the output comes back to x's device."""
-    dev = next(block.parameters()).device
+    p = next(block.parameters(), None)                   # a block whose modules were all removed may have none
+    dev = p.device if p is not None else x.device
     if x.device != dev:
         x, args, kwargs = x.to(dev), to_device(args, dev), to_device(kwargs, dev)
     y = block(x, *args, **kwargs)

@@ -167,7 +167,8 @@ class _Stats:
 
     def run(self, block, inputs: BlockInputs) -> list[torch.Tensor]:
         outs = []
-        dev = next(block.parameters()).device
+        p = next(block.parameters(), None)
+        dev = p.device if p is not None else inputs.hidden[0].device
         with torch.no_grad():
             for x, a, kw, m in zip(inputs.hidden, inputs.args, inputs.kwargs, inputs.masks):
                 self.mask = m.to(dev)                                # the hooks see the block's device

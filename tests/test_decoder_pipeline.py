@@ -39,7 +39,7 @@ def test_profile_plan_apply_verify(tiny_llama, tmp_path, calib_file, heldout_fil
                                   progress=False)
     assert prof.mode == mode and prof.shape["kv_heads"] == 4 and prof.times("attn").widths == [0, 1, 2, 3, 4]
     assert 1.0 < prof.max_speedup() < float("inf")
-    target = round(min(1.3, 0.7 * prof.max_speedup()), 2)
+    target = round(1 + min(0.3, 0.5 * (prof.max_speedup() - 1)), 2)      # well inside what the profile reaches
     [plan] = planner.plan(tiny_llama, ppath, PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64,
                                                         calib_max_len=32), tmp_path / "plans", progress=False)
     assert plan.predicted_speedup >= target * 0.999

@@ -47,5 +47,7 @@ def csr_like(lin, sparsity, weight=None):
 
 
 def _linear_like(lin, in_features=None, out_features=None):
+    """A new nn.Linear of lin's kind resized (weights uninitialised), in lin's training mode: a layer made in
+    training mode inside an eval model would, once sparsified, take PlannerCsrLinear's dense path."""
     new = nn.Linear(in_features or lin.in_features, out_features or lin.out_features, bias=lin.bias is not None)
-    return new.to(device=lin.weight.device, dtype=lin.weight.dtype)
+    return new.to(device=lin.weight.device, dtype=lin.weight.dtype).train(lin.training)
