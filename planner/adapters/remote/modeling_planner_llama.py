@@ -15,39 +15,8 @@ import transformers
 from torch import nn
 
 from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
-
-
-class RemovedAttention(nn.Module):
-    """Stands in for an attention module with zero KV groups: returns (o_proj's bias or a 0-dim zero, None).
-
-    Generation reads positions and mask sizes from the KV cache (`get_seq_length()` of layer 0, the mask sizes
-    of the first full-attention layer), so this layer still advances its cache slot by the T new tokens. A
-    slot of zero heads would not do: a DynamicLayer with no elements reports length 0. The placeholder is one
-    zero per token, (B, 1, T, 1): negligible next to a real layer's (B, kv_heads, T, head_dim) keys."""
-
-    def __init__(self, layer_idx, hidden, bias):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            b, t = hidden_states.shape[:2]
-            kv = hidden_states.new_zeros(b, 1, t, 1)                 # (B, 1, T, 1) keeps this slot's length right
-            past_key_values.update(kv, kv, self.layer_idx)
-        out = self.bias if self.bias is not None else hidden_states.new_zeros(())   # (d,) or () broadcast on h
-        return out, None
-
-
-class RemovedMLP(nn.Module):
-    """Stands in for an FFN with zero neurons: returns down_proj's bias, or a 0-dim zero."""
-
-    def __init__(self, hidden, bias):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
-
-    def forward(self, hidden_states):
-        return self.bias if self.bias is not None else hidden_states.new_zeros(())
+from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
+from .planner_common import RemovedProjection as RemovedMLP  # noqa: F401
 
 
 def planner_head_dim(config):

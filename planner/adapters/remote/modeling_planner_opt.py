@@ -18,6 +18,8 @@ from torch import nn
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
+from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
+from .planner_common import RemovedProjection as RemovedFc2  # noqa: F401
 
 
 class PlannerOPTDecoderLayer(OPTDecoderLayer):
@@ -47,44 +49,11 @@ class PlannerOPTDecoderLayer(OPTDecoderLayer):
         return hidden_states
 
 
-class RemovedAttention(nn.Module):
-    """Stands in for an attention module with zero heads: returns (out_proj's bias or a 0-dim zero, None).
-
-    Generation reads positions and mask sizes from the KV cache (`get_seq_length()` of layer 0), so this layer
-    still advances its cache slot by the T new tokens. A slot of zero heads would not do: a DynamicLayer whose
-    tensors have no elements reports length 0. The placeholder is one zero per token, (B, 1, T, 1):
-    negligible next to a real layer's (B, heads, T, head_dim) keys."""
-
-    def __init__(self, layer_idx, hidden, bias):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
-
-    def forward(self, hidden_states, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            b, t = hidden_states.shape[:2]
-            kv = hidden_states.new_zeros(b, 1, t, 1)                 # (B, 1, T, 1) keeps this slot's length right
-            past_key_values.update(kv, kv, self.layer_idx)
-        out = self.bias if self.bias is not None else hidden_states.new_zeros(())   # (d,) or () broadcast on h
-        return out, None
-
-
 class RemovedFc1(nn.Module):
     """fc1 of an FFN with zero neurons: (..., d) -> (..., 0), so the activation has nothing to compute."""
 
     def forward(self, hidden_states):
         return hidden_states[..., :0]
-
-
-class RemovedFc2(nn.Module):
-    """fc2 of an FFN with zero neurons: returns its bias, or a 0-dim zero (broadcast on the residual)."""
-
-    def __init__(self, hidden, bias):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
-
-    def forward(self, hidden_states):
-        return self.bias if self.bias is not None else hidden_states.new_zeros(())
 
 
 def planner_prepare_(model):

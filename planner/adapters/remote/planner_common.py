@@ -51,3 +51,38 @@ def _linear_like(lin, in_features=None, out_features=None):
     training mode inside an eval model would, once sparsified, take PlannerCsrLinear's dense path."""
     new = nn.Linear(in_features or lin.in_features, out_features or lin.out_features, bias=lin.bias is not None)
     return new.to(device=lin.weight.device, dtype=lin.weight.dtype).train(lin.training)
+
+
+class RemovedDecoderAttention(nn.Module):
+    """Stands in for a decoder attention module with nothing kept: returns (its output projection's bias or a
+    0-dim zero, None).
+
+    Generation reads positions and mask sizes from the KV cache (`get_seq_length()` of layer 0, the mask sizes
+    of the first full-attention layer), so this layer still advances its cache slot by the T new tokens. A
+    slot of zero heads would not do: a DynamicLayer whose tensors have no elements reports length 0. The
+    placeholder is one zero per token, (B, 1, T, 1): negligible next to a real layer's (B, heads, T, head_dim)."""
+
+    def __init__(self, layer_idx, hidden, bias):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t = hidden_states.shape[:2]
+            kv = hidden_states.new_zeros(b, 1, t, 1)                 # (B, 1, T, 1) keeps this slot's length right
+            past_key_values.update(kv, kv, self.layer_idx)
+        out = self.bias if self.bias is not None else hidden_states.new_zeros(())   # (d,) or () broadcast on h
+        return out, None
+
+
+class RemovedProjection(nn.Module):
+    """The output projection of a module with nothing kept (an FFN's down projection, an MLP): returns its
+    bias, or a 0-dim zero, broadcast onto the residual stream."""
+
+    def __init__(self, hidden, bias):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+
+    def forward(self, hidden_states):
+        return self.bias if self.bias is not None else hidden_states.new_zeros(())
