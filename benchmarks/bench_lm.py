@@ -37,17 +37,27 @@ def main():
     ap.add_argument("--rounds", type=int, default=4, help="profile rounds")
     ap.add_argument("--reps", type=int, default=21, help="verify: interleaved timing pairs")
     ap.add_argument("--save-profiles", type=Path, default=None, help="also copy the profiles under this root")
+    ap.add_argument("--n-calib", type=int, default=1024, help="generated calibration passages")
+    ap.add_argument("--n-text", type=int, default=512, help="held-out generated passages for perplexity")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = a.model or tinylm.ensure()
     print(f"model: {model}")
+    # Text from the distribution the tiny LM learned: calibration from its training generator (as one calibrates
+    # on a sample of the pre-training corpus), evaluation on held-out generated passages it never saw.
+    a.work.mkdir(parents=True, exist_ok=True)
+    calib, heldout = a.work / "calibration.txt", a.work / "heldout.txt"
+    if not calib.exists():
+        calib.write_text("\n".join(tinylm.generate(a.n_calib)) + "\n")
+    if not heldout.exists():
+        heldout.write_text("\n".join(tinylm.lm_heldout_text(a.n_text)) + "\n")
     summary = []
     for mode in a.modes:
         cfg = pipeline.RunConfig(
             targets=tuple(a.targets),
             profile=ProfileConfig(batch_size=a.batch, seq_len=a.seq, mode=mode, threads=a.threads, rounds=a.rounds),
-            plan=PlanConfig(targets=tuple(a.targets)),
-            verify=VerifyConfig(reps=a.reps, threads=a.threads))
+            plan=PlanConfig(targets=tuple(a.targets), calib_path=str(calib), n_calib=a.n_calib),
+            verify=VerifyConfig(reps=a.reps, threads=a.threads, text_path=str(heldout), n_text=a.n_text))
         print(f"\n## {mode}: batch {a.batch}, {'prompt' if mode == 'prefill' else 'KV cache'} {a.seq} tokens")
         df = pipeline.run(model, a.work / mode, cfg, quiet=True)
         prof_path = next((a.work / mode).glob("profile-*.json"))
