@@ -153,6 +153,8 @@ def frontier(reports: list[tuple[str, float, VerifyReport]], metrics=None) -> Fi
                 ax.annotate(f"{t:g}x", (xx, yy), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if metric in DENSE_VALUE:
             ax.plot([1.0], [DENSE_VALUE[metric]], "k*", ms=9, label="dense")
+        if metric == "ppl_increase":
+            ax.set_yscale("symlog", linthresh=0.01)   # +1% and +30000% on one plot
         ax.set_xlabel("measured speedup (×)")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} kept vs measured speedup", fontsize=10)

@@ -13,7 +13,8 @@ builds everything from what the project ships:
 
     ensure()  -> cached model dir (trains once per config + text, ~8 min on a 2-core CPU)
     train(out_dir, cfg) -> Path
-    perplexity(model, tokenizer, texts) -> float    (any HF causal LM; the verify step reuses it)
+    perplexity(model, tokenizer, texts) -> float    (any HF causal LM; the training report's figure;
+                                                     verify scores dense vs compressed with verify.lm_quality)
 """
 from __future__ import annotations
 
