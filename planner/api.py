@@ -343,6 +343,9 @@ def recover(compressed_path, teacher_path, cfg=None, out=None, progress=True, ca
         raise PlannerError("--out must be a new directory, not the compressed or the teacher model")
     hardware.set_threads(cfg.threads)
     student, adapter = load_model(compressed_path, device=cfg.device)
+    if adapter.causal_lm:
+        raise PlannerError(f"recovery by distillation supports encoders so far; {adapter.family} is a causal LM: "
+                           f"use the one-shot model (apply without --recover)")
     teacher, t_adapter = load_model(teacher_path, device=cfg.device)
     _check_pair(student, teacher, adapter, t_adapter)
     tok = load_tokenizer(compressed_path)

@@ -78,3 +78,8 @@ def test_decode_step_sees_a_constant_cache_length(tiny_llama):
         for _ in range(3):
             out = step()
             assert step.cache.get_seq_length() == 10 and out.logits.shape[:2] == (2, 1)
+
+
+def test_recovery_refuses_a_causal_lm_clearly(tiny_llama, tmp_path):
+    with pytest.raises(PlannerError, match="causal LM"):
+        planner.api.recover(tiny_llama, tiny_llama, out=tmp_path / "r", progress=False)
