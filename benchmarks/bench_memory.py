@@ -45,7 +45,6 @@ def batches(n_tokens: int, vocab: int, window: int = 128, batch: int = 8) -> lis
 
 
 def stage(name: str, model_dir: Path, work: Path, n_tokens: int) -> dict:
-    from planner import obs  # noqa: F401
     from planner.apply import apply_
     from planner.database import DatabaseConfig, build
     from planner.models import load_model
@@ -99,7 +98,7 @@ def main():
     print(f"\nLlama-shaped, random weights: {rows[0]['params'] / 1e9:.2f} B parameters, "
           f"{rows[0]['model_bytes'] / gib:.2f} GiB float32, {rows[0]['tokens']} calibration tokens, "
           f"{a.threads} threads, torch {torch.__version__}")
-    print(f"| stage | peak RSS (GiB) | over the model (GiB) | wall (s) |\n|---|---|---|---|")
+    print("| stage | peak RSS (GiB) | over the model (GiB) | wall (s) |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['peak_rss_bytes'] / gib:.2f} | {(r['peak_rss_bytes'] - r['model_bytes']) / gib:.2f} "
               f"| {r['seconds']:.0f} |")

@@ -15,6 +15,7 @@ import copy
 import torch
 
 from . import obs
+from .adapters.base import unit_indices
 from .calibration import BlockInputs, block_call, capture_block_inputs, run_block
 from .database import Database, sparse_weights
 from .errors import PlannerError
@@ -36,10 +37,6 @@ def kept_groups(model, adapter, layer_idx: int, kind: str, n_keep: int, select: 
     order = obs.magnitude_order(lin.weight.detach(), adapter.group_size(model, kind))
     n = len(order)
     return order[n - n_keep:].sort().values if n_keep else order[:0]
-
-
-def _columns(kept: torch.Tensor, gs: int) -> torch.Tensor:
-    return (kept[:, None] * gs + torch.arange(gs)).reshape(-1)
 
 
 def _check_plan(model, adapter, plan: Plan):
@@ -87,7 +84,6 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
             _sparsify(adapter, cblock, i, kind, plan.layers[i], db, damp)
         d_in = d_in.with_hidden(run_block(dblock, d_in))
         c_in = c_in.with_hidden(run_block(cblock, c_in))
-        del dblock
     return model
 
 
@@ -114,7 +110,7 @@ def _shrink(model, adapter, i, kind, n_keep, select, db, fit):
     if lin is None or n_keep * gs == lin.in_features:
         return
     kept = kept_groups(model, adapter, i, kind, n_keep, select, db)
-    W_S = fit(lin, _columns(kept, gs)) if n_keep else None
+    W_S = fit(lin, unit_indices(kept, gs)) if n_keep else None
     adapter.shrink_(block, kind, kept, None if W_S is None else W_S.to(lin.weight.dtype), model.config)
 
 

@@ -40,13 +40,29 @@ def make_tiny(path: Path, model_type: str = "bert", hidden=64, layers=2, heads=4
     else:
         cfg = transformers.BertConfig(**kw)
         cls = getattr(transformers, arch or "BertModel")
+    return save_perturbed(cls, cfg, path, seed)
+
+
+def save_perturbed(cls, cfg, path: Path, seed: int = 0) -> Path:
+    """cls(cfg) with random weights nudged off their init (so pruning choices matter), saved to `path`."""
     torch.manual_seed(seed)
     model = cls(cfg).eval()
-    with torch.no_grad():                                        # break symmetry so pruning choices matter
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(str(path))
     return path
+
+
+def mask_removed_(layer, ad, kind, kept, gs):
+    """Zero the consumer columns of every group not in `kept` (groups of `gs` columns): the dense-shaped
+    equivalent of removing them."""
+    lin = ad.consumer(layer, kind)
+    keep = torch.zeros(lin.in_features, dtype=torch.bool)
+    for g in kept:
+        keep[g * gs:(g + 1) * gs] = True
+    with torch.no_grad():
+        lin.weight[:, ~keep] = 0
 
 
 @pytest.fixture(scope="session")

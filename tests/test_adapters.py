@@ -9,7 +9,7 @@ from planner.adapters import get_adapter, supported_model_types
 from planner.errors import UnsupportedModel
 from planner.models import load_model
 
-from .conftest import inputs, make_tiny
+from .conftest import inputs, make_tiny, mask_removed_
 
 
 def _out(model, x):
@@ -28,16 +28,6 @@ def test_keep_everything_is_identical(tmp_path, model_type):
     assert torch.equal(_out(m, x), ref)
 
 
-def _mask_(model, ad, layer_idx, kind, kept, gs):
-    """Zero the consumer columns of every removed group: the dense-shaped equivalent of removal."""
-    lin = ad.consumer(ad.layers(model)[layer_idx], kind)
-    keep = torch.zeros(lin.in_features, dtype=torch.bool)
-    for g in kept:
-        keep[g * gs:(g + 1) * gs] = True
-    with torch.no_grad():
-        lin.weight[:, ~keep] = 0
-
-
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 @pytest.mark.parametrize("heads,ffn", [([0, 2], [1, 5, 7, 100]), ([], list(range(0, 128, 3))), ([1, 2, 3], []), ([], [])])
 def test_shrunk_equals_masked(tmp_path, model_type, heads, ffn):
@@ -48,8 +38,8 @@ def test_shrunk_equals_masked(tmp_path, model_type, heads, ffn):
     for i, layer in enumerate(ad.layers(m)):
         ad.shrink_(layer, "attn", torch.tensor(heads, dtype=torch.long), None, m.config)
         ad.shrink_(layer, "ffn", torch.tensor(ffn, dtype=torch.long), None, m.config)
-        _mask_(masked, ad, i, "attn", heads, hd)
-        _mask_(masked, ad, i, "ffn", ffn, 1)
+        mask_removed_(ad.layers(masked)[i], ad, "attn", heads, hd)
+        mask_removed_(ad.layers(masked)[i], ad, "ffn", ffn, 1)
     assert [s.to_dict() for s in ad.spec(m)] == [{"heads": len(heads), "ffn": len(ffn)}] * 2
     torch.testing.assert_close(_out(m, x), _out(masked, x), atol=1e-5, rtol=1e-5)
     # the model is physically smaller

@@ -7,7 +7,7 @@ import planner
 from planner.config import PlanConfig, ProfileConfig, VerifyConfig
 from planner.errors import PlannerError
 
-from .conftest import _vocab
+from .conftest import _vocab, save_perturbed
 
 
 def make_tiny_llama(path, layers=2, seed=0):
@@ -18,13 +18,7 @@ def make_tiny_llama(path, layers=2, seed=0):
     cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=layers,
                                    num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
                                    max_position_embeddings=256, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(str(path))
-    return path
+    return save_perturbed(transformers.LlamaForCausalLM, cfg, path, seed)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from planner.errors import UnsupportedModel
 from planner.models import load_model, save_portable
 from planner.types import Plan
 
-from .conftest import _vocab
+from .conftest import _vocab, mask_removed_, save_perturbed
 
 V, D, L, H, F = 300, 64, 3, 4, 96            # vocab, hidden, layers, heads, FFN
 HD = D // H
@@ -40,13 +40,7 @@ def _config(case, vocab=V):
 def make_decoder(path, case, seed=0, vocab=V):
     cfg = _config(case, vocab)
     cls = transformers.GPT2LMHeadModel if case == "gpt2" else transformers.OPTForCausalLM
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():                                        # break symmetry so pruning choices matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(str(path))
-    return path
+    return save_perturbed(cls, cfg, path, seed)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,16 +107,6 @@ def test_keep_everything_is_identical(loaded, case):
     assert ad.spec(m)[0].to_dict() == {"heads": H, "ffn": F}
 
 
-def _mask_(ad, layer, kind, kept, gs):
-    """Zero the consumer columns of every removed group: the dense-shaped equivalent of removal."""
-    lin = ad.consumer(layer, kind)
-    keep = torch.zeros(lin.in_features, dtype=torch.bool)
-    for g in kept:
-        keep[g * gs:(g + 1) * gs] = True
-    with torch.no_grad():
-        lin.weight[:, ~keep] = 0
-
-
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("heads,ffn", [([0, 2], [1, 5, 7, 90]), ([], list(range(0, F, 3))), ([1, 2, 3], []), ([], [])])
 def test_shrunk_equals_masked(loaded, case, heads, ffn):
@@ -131,8 +115,8 @@ def test_shrunk_equals_masked(loaded, case, heads, ffn):
     for layer, mlayer in zip(ad.layers(m), ad.layers(masked)):
         ad.shrink_(layer, "attn", torch.tensor(heads, dtype=torch.long), None, m.config)
         ad.shrink_(layer, "ffn", torch.tensor(ffn, dtype=torch.long), None, m.config)
-        _mask_(ad, mlayer, "attn", heads, HD)
-        _mask_(ad, mlayer, "ffn", ffn, 1)
+        mask_removed_(mlayer, ad, "attn", heads, HD)
+        mask_removed_(mlayer, ad, "ffn", ffn, 1)
     assert [s.to_dict() for s in ad.spec(m)] == [{"heads": len(heads), "ffn": len(ffn)}] * L
     for kind, kept in (("attn", heads), ("ffn", ffn)):              # a removed module has no consumer, no slots
         removed = not kept

@@ -23,6 +23,8 @@ from planner.models import load_model, n_params, save_portable
 from planner.profiler import _variant, dense_model_from_config
 from planner.types import Plan
 
+from .conftest import mask_removed_, save_perturbed
+
 VOCAB, HIDDEN, HEADS, FFN, LAYERS = 300, 64, 8, 96, 3
 CONFIGS = {
     "llama": (transformers.LlamaConfig, dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
@@ -37,13 +39,7 @@ def make_decoder(path, model_type, arch="ForCausalLM", seed=0):
     cfg = cfg_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   intermediate_size=FFN, max_position_embeddings=256, pad_token_id=0, **extra)
     cls = getattr(transformers, cfg_cls.__name__.removesuffix("Config") + arch)
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():                                        # break symmetry so pruning choices matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(str(path))
-    return path
+    return save_perturbed(cls, cfg, path, seed)
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +66,6 @@ def units(model):
     """(kv heads, query heads per KV head, head_dim)."""
     c = model.config
     return c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads, remote.planner_head_dim(c)
-
-
-def _zero_removed_(model, ad, i, kind, kept):
-    """The dense-shaped equivalent of keeping only groups `kept`: zero the consumer's other columns."""
-    lin = ad.consumer(ad.layers(model)[i], kind)
-    gs = ad.group_size(model, kind)
-    keep = torch.zeros(lin.in_features, dtype=torch.bool)
-    for g in kept:
-        keep[g * gs:(g + 1) * gs] = True
-    with torch.no_grad():
-        lin.weight[:, ~keep] = 0
 
 
 # --------------------------------------------------------------------------------------------- structure
@@ -131,8 +116,8 @@ def test_shrunk_equals_masked(decoders, model_type, plan):
     for i, (heads, ffn) in enumerate(PLANS[plan]):
         ad.shrink_(ad.layers(m)[i], "attn", torch.tensor(heads, dtype=torch.long), None, m.config)
         ad.shrink_(ad.layers(m)[i], "ffn", torch.tensor(ffn, dtype=torch.long), None, m.config)
-        _zero_removed_(masked, ad, i, "attn", heads)
-        _zero_removed_(masked, ad, i, "ffn", ffn)
+        mask_removed_(ad.layers(masked)[i], ad, "attn", heads, ad.group_size(masked, "attn"))
+        mask_removed_(ad.layers(masked)[i], ad, "ffn", ffn, 1)
     assert [s.to_dict() for s in ad.spec(m)] == [{"heads": len(h), "ffn": len(f)} for h, f in PLANS[plan]]
     torch.testing.assert_close(logits(m, x), logits(masked, x), atol=1e-5, rtol=1e-5)
     assert n_params(m) < n_params(masked)      # physically smaller

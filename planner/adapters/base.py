@@ -7,6 +7,19 @@ import torch
 from torch import nn
 
 from ..types import ArchShape
+from .remote.planner_common import csr_like
+
+
+def unit_indices(kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Column (or row) indices of the kept units, each `width` adjacent indices: (len(kept)*width,)."""
+    return (kept[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Passage embedding: mean of h (B, T, d) over real tokens, L2-normalised: (B, d)."""
+    m = attention_mask.unsqueeze(-1).to(h.dtype)                    # (B, T, 1)
+    e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)                   # (B, d)
+    return torch.nn.functional.normalize(e, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,9 @@ class Adapter:
     def sparsify_(self, layer: nn.Module, kind: str, level: float, weights: list[torch.Tensor] | None = None) -> None:
         """Run module `kind`'s linears (linear_slots order) on the portable sparse kernel at `level`, with
         `weights` (each (out, in), zeros included) if given, else the current weights."""
-        raise NotImplementedError
+        slots = self.linear_slots(layer, kind)
+        for (parent, name), w in zip(slots, weights if weights is not None else [None] * len(slots)):
+            setattr(parent, name, csr_like(getattr(parent, name), level, w))
 
     def residual_norm_input(self, layer: nn.Module, kind: str) -> nn.Module:
         """The module whose forward input is the residual stream right after `kind` writes into it."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..types import ArchShape
 from . import register
-from .base import Adapter, LayerSpec
+from .base import Adapter, LayerSpec, mean_pool
 from .remote import modeling_planner_bert as remote
 
 # class name of a plain transformers model -> the Auto class that should load its pruned version
@@ -86,12 +86,6 @@ class BertAdapter(Adapter):
             return []
         return remote.planner_sparse_slots(layer, kind)
 
-    def sparsify_(self, layer, kind, level, weights=None):
-        slots = self.linear_slots(layer, kind)
-        weights = weights if weights is not None else [None] * len(slots)
-        for (parent, name), w in zip(slots, weights):
-            setattr(parent, name, remote.csr_like(getattr(parent, name), level, w))
-
     def residual_norm_input(self, layer, kind):
         return layer.attention.output.LayerNorm if kind == "attn" else layer.output.LayerNorm
 
@@ -136,13 +130,7 @@ class BertAdapter(Adapter):
     def embed(self, model, input_ids, attention_mask):
         """Sentence embedding: mean of the last hidden state over real tokens, L2-normalised."""
         out = self.base(model)(input_ids=input_ids, attention_mask=attention_mask)
-        return self.pool(out.last_hidden_state, attention_mask)
-
-    @staticmethod
-    def pool(h, attention_mask):
-        m = attention_mask.unsqueeze(-1).to(h.dtype)                # (B, T, 1)
-        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)               # (B, d) mean over real tokens
-        return torch.nn.functional.normalize(e, dim=-1)
+        return mean_pool(out.last_hidden_state, attention_mask)
 
     def head_kind(self, model) -> str | None:
         """Which distribution the head's logits are: per sequence, per token, or none we distil."""
@@ -158,7 +146,7 @@ class BertAdapter(Adapter):
         hidden = list(out.hidden_states[1:])                        # L x (B, T, d); [0] is the embedding output
         head = self.head_kind(model)
         logits = out.logits if head else None
-        emb = self.pool(hidden[-1], attention_mask) if model is self.base(model) else None
+        emb = mean_pool(hidden[-1], attention_mask) if model is self.base(model) else None
         return {"hidden": hidden, "logits": logits, "head": head, "embedding": emb}
 
     def embedding_parameters(self, model):

@@ -1,5 +1,6 @@
-"""What the GPT-2 and OPT adapters share: multi-head-attention decoder LMs whose prunable units are one head
-and one FFN neuron, with the family's module layout in its remote model file.
+"""What the decoder LM adapters share. GPT-2 and OPT use all of it: multi-head attention whose prunable units
+are one head and one FFN neuron, with the family's module layout in its remote model file. The Llama family
+(llama.py) shares the use and save side and brings its own layout, KV-group units and gated FFN.
 
 The remote file (also copied next to saved weights) knows the layout: `planner_prepare_` (bring a loaded model
 into the form below), `planner_slots(layer, kind)` (the module's linears, consumer last; [] once removed),
@@ -13,17 +14,12 @@ import torch
 
 from ..errors import UnsupportedModel
 from ..types import ArchShape
-from .base import Adapter, LayerSpec
+from .base import Adapter, LayerSpec, mean_pool, unit_indices
 from .bert import _cols, _rows
 
 
 def _head_dim(config) -> int:
     return config.hidden_size // config.num_attention_heads
-
-
-def _units(kept: torch.Tensor, width: int) -> torch.Tensor:
-    """Indices of the kept units, each `width` wide: (len(kept)*width,)."""
-    return (kept[:, None] * width + torch.arange(width)).reshape(-1)
 
 
 def _stacked(rows: torch.Tensor, lin, width: int) -> torch.Tensor:
@@ -82,12 +78,6 @@ class DecoderAdapter(Adapter):
     def linear_slots(self, layer, kind):
         return self.remote.planner_slots(layer, kind)
 
-    def sparsify_(self, layer, kind, level, weights=None):
-        slots = self.linear_slots(layer, kind)
-        weights = weights if weights is not None else [None] * len(slots)
-        for (parent, name), w in zip(slots, weights):
-            setattr(parent, name, self.remote.csr_like(getattr(parent, name), level, w))
-
     def shrink_(self, layer, kind, kept, consumer_weight, config):
         kept = torch.as_tensor(kept, dtype=torch.long).sort().values
         slots = self.linear_slots(layer, kind)
@@ -96,32 +86,29 @@ class DecoderAdapter(Adapter):
             return
         (cp, cn), consumer = slots[-1], getattr(*slots[-1])
         if len(kept) == 0:
-            stand_in = self.remote.planner_remove_(layer, kind)
-            if stand_in.bias is not None:                      # the removed module still adds its output bias
-                with torch.no_grad():
-                    stand_in.bias.copy_(consumer.bias)
+            self._remove(self.remote.planner_remove_(layer, kind), consumer)
             return
-        cols = _units(kept, _head_dim(config) if kind == "attn" else 1)   # (k*group,) consumer columns, producer rows
-        # new linears keep the mode of the ones they replace: a CSR layer sparsified later runs its kernel in eval
+        cols = unit_indices(kept, _head_dim(config) if kind == "attn" else 1)   # (k*group,) consumer columns, producer rows
         for p, n in slots[:-1]:
             lin = getattr(p, n)
-            setattr(p, n, _rows(lin, _stacked(cols, lin, consumer.in_features)).train(lin.training))
-        setattr(cp, cn, _cols(consumer, cols, consumer_weight).train(consumer.training))
+            setattr(p, n, _rows(lin, _stacked(cols, lin, consumer.in_features)))
+        setattr(cp, cn, _cols(consumer, cols, consumer_weight))
         if kind == "attn":
             self.remote.planner_set_heads_(layer, len(kept))
+
+    @staticmethod
+    def _remove(stand_in, consumer) -> None:
+        """The removed module still adds its consumer's bias to the residual stream."""
+        if stand_in.bias is not None:
+            with torch.no_grad():
+                stand_in.bias.copy_(consumer.bias)
 
     # --- use ---------------------------------------------------------------------------------------
     def embed(self, model, input_ids, attention_mask):
         """Passage embedding: mean of the last hidden state (what the LM head reads) over real tokens,
         L2-normalised."""
         out = self.base(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.pool(out.last_hidden_state, attention_mask)
-
-    @staticmethod
-    def pool(h, attention_mask):
-        m = attention_mask.unsqueeze(-1).to(h.dtype)                # (B, T, 1)
-        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)               # (B, d) mean over real tokens
-        return torch.nn.functional.normalize(e, dim=-1)
+        return mean_pool(out.last_hidden_state, attention_mask)
 
     def head_kind(self, model) -> str | None:
         return "token" if type(model).__name__.endswith(self.lm_suffix) else None

@@ -8,10 +8,10 @@ BERT is post-LN) remains. An "attn_sparsity" / "ffn_sparsity" entry means that m
 sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
 """
 import torch
-import transformers
 from torch import nn
 
 from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
+from .planner_common import planner_layer_specs, planner_portable_classes
 
 
 class ResidualNorm(nn.Module):
@@ -88,32 +88,12 @@ def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_spar
 
 
 def planner_reshape_model(model, config):
-    spec = getattr(config, "planner_layers", None)
-    if not spec:
-        return
-    base = getattr(model, model.base_model_prefix, model)
-    layers = base.encoder.layer
-    if len(spec) != len(layers):
-        raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
-    for layer, s in zip(layers, spec):
-        planner_reshape_layer(layer, int(s["heads"]), int(s["ffn"]), config, float(s.get("attn_sparsity", 0.0)),
-                              float(s.get("ffn_sparsity", 0.0)))
-
-
-def _make(base_name):
-    base_cls = getattr(transformers, base_name)
-
-    def __init__(self, config, *args, **kwargs):
-        base_cls.__init__(self, config, *args, **kwargs)
-        planner_reshape_model(self, config)
-
-    return type("Planner" + base_name, (base_cls,), {"__init__": __init__, "__module__": __name__})
+    specs = planner_layer_specs(getattr(model, model.base_model_prefix, model).encoder.layer, config)
+    for layer, heads, ffn, attn_sparsity, ffn_sparsity in specs:
+        planner_reshape_layer(layer, heads, ffn, config, attn_sparsity, ffn_sparsity)
 
 
 _FAMILIES = ("Bert", "Roberta", "XLMRoberta", "Electra")
 _HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
           "ForMaskedLM", "ForMultipleChoice", "ForPreTraining")
-for _f in _FAMILIES:
-    for _h in _HEADS:
-        if hasattr(transformers, _f + _h):
-            globals()["Planner" + _f + _h] = _make(_f + _h)
+planner_portable_classes(globals(), __name__, _FAMILIES, _HEADS, planner_reshape_model)

@@ -14,11 +14,11 @@ output nothing reads any more, becomes an identity. An "attn_sparsity" / "ffn_sp
 module's linears were sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
 """
 import torch
-import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
+from .planner_common import planner_layer_specs, planner_portable_classes
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedMLP  # noqa: F401
 
@@ -101,30 +101,11 @@ def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_spar
 
 
 def planner_reshape_model(model, config):
-    spec = getattr(config, "planner_layers", None)
-    if not spec:
-        return
-    layers = model.base_model.h
-    if len(spec) != len(layers):
-        raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
-    for layer, s in zip(layers, spec):
-        planner_reshape_layer(layer, int(s["heads"]), int(s["ffn"]), config, float(s.get("attn_sparsity", 0.0)),
-                              float(s.get("ffn_sparsity", 0.0)))
-
-
-def _make(base_name):
-    base_cls = getattr(transformers, base_name)
-
-    def __init__(self, config, *args, **kwargs):
-        base_cls.__init__(self, config, *args, **kwargs)
-        planner_prepare_(self)                       # Linear (out, in) layers: the saved weights' layout
-        planner_reshape_model(self, config)
-
-    return type("Planner" + base_name, (base_cls,), {"__init__": __init__, "__module__": __name__})
+    specs = planner_layer_specs(model.base_model.h, config)
+    for layer, heads, ffn, attn_sparsity, ffn_sparsity in specs:
+        planner_reshape_layer(layer, heads, ffn, config, attn_sparsity, ffn_sparsity)
 
 
 _FAMILIES = ("GPT2",)
 _HEADS = ("Model", "LMHeadModel")
-for _f in _FAMILIES:
-    for _h in _HEADS:
-        globals()["Planner" + _f + _h] = _make(_f + _h)
+planner_portable_classes(globals(), __name__, _FAMILIES, _HEADS, planner_reshape_model, prepare=planner_prepare_)

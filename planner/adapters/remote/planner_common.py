@@ -86,3 +86,35 @@ class RemovedProjection(nn.Module):
 
     def forward(self, hidden_states):
         return self.bias if self.bias is not None else hidden_states.new_zeros(())
+
+
+def planner_layer_specs(layers, config):
+    """[(layer, heads, ffn, attn_sparsity, ffn_sparsity)] from config.planner_layers ([] for a dense config)."""
+    spec = getattr(config, "planner_layers", None)
+    if not spec:
+        return []
+    if len(spec) != len(layers):
+        raise ValueError(f"config.planner_layers has {len(spec)} entries for {len(layers)} layers")
+    return [(layer, int(s["heads"]), int(s["ffn"]), float(s.get("attn_sparsity", 0.0)), float(s.get("ffn_sparsity", 0.0)))
+            for layer, s in zip(layers, spec)]
+
+
+def planner_portable_classes(namespace, module, families, heads, reshape_model, prepare=None, extra=None):
+    """Define Planner<Family><Head> in `namespace` for every such transformers class: the base class whose
+    __init__ then runs `prepare(model)` (if given) and `reshape_model(model, config)`, so the checkpoint's
+    per-layer shapes exist before its weights load. `extra(base_cls)`: more class attributes."""
+    import transformers
+
+    def make(base_cls):
+        def __init__(self, config, *args, **kwargs):
+            base_cls.__init__(self, config, *args, **kwargs)
+            if prepare is not None:
+                prepare(self)
+            reshape_model(self, config)
+        attrs = {"__init__": __init__, "__module__": module, **(extra(base_cls) if extra else {})}
+        return type("Planner" + base_cls.__name__, (base_cls,), attrs)
+
+    for f in families:
+        for h in heads:
+            if hasattr(transformers, f + h):
+                namespace["Planner" + f + h] = make(getattr(transformers, f + h))
