@@ -15,8 +15,7 @@ where transformers flattens them to (B*T, d); same numbers.
 from torch import nn
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
-from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
-from .planner_common import planner_layer_specs, planner_portable_classes
+from .planner_common import planner_layer_specs, planner_portable_classes, planner_reshape_by_slots
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedFc2  # noqa: F401
 
@@ -92,26 +91,8 @@ def planner_set_heads_(layer, heads):
 
 
 def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_sparsity=0.0):
-    """Give `layer` the module shapes of `heads` kept heads and `ffn` kept neurons (weights uninitialised);
-    a module with a sparsity > 0 gets CSR linears."""
-    head_dim = config.hidden_size // config.num_attention_heads
-    for kind, width, level in (("attn", heads * head_dim, attn_sparsity), ("ffn", ffn, ffn_sparsity)):
-        slots = planner_slots(layer, kind)
-        if width == 0:
-            if slots:
-                planner_remove_(layer, kind)
-            continue
-        *producers, (cp, cn) = slots
-        if getattr(cp, cn).in_features != width:
-            for p, n in producers:
-                setattr(p, n, _linear_like(getattr(p, n), out_features=width))
-            setattr(cp, cn, _linear_like(getattr(cp, cn), in_features=width))
-        if level:
-            for p, n in slots:
-                if not isinstance(getattr(p, n), PlannerCsrLinear):
-                    setattr(p, n, csr_like(getattr(p, n), level))
-    if heads:
-        planner_set_heads_(layer, heads)
+    planner_reshape_by_slots(layer, heads, ffn, config.hidden_size // config.num_attention_heads, attn_sparsity,
+                             ffn_sparsity, planner_slots, planner_remove_, planner_set_heads_)
 
 
 def planner_reshape_model(model, config):

@@ -118,3 +118,30 @@ def planner_portable_classes(namespace, module, families, heads, reshape_model, 
         for h in heads:
             if hasattr(transformers, f + h):
                 namespace["Planner" + f + h] = make(getattr(transformers, f + h))
+
+
+def planner_reshape_by_slots(layer, heads, ffn, head_dim, attn_sparsity, ffn_sparsity, slots, remove_, set_heads_):
+    """Give a multi-head-attention `layer` the module shapes of `heads` kept heads and `ffn` kept neurons (weights
+    uninitialised), through the family's functions: slots(layer, kind) lists a module's linears, consumer last
+    ([] once removed); remove_(layer, kind) puts in the stand-ins; set_heads_(layer, heads) sets size attributes.
+    A producer may stack several blocks of the consumer's width (GPT-2's c_attn: q, k, v); each block shrinks.
+    A module with a sparsity > 0 gets CSR linears."""
+    for kind, width, level in (("attn", heads * head_dim, attn_sparsity), ("ffn", ffn, ffn_sparsity)):
+        linears = slots(layer, kind)
+        if width == 0:
+            if linears:
+                remove_(layer, kind)
+            continue
+        *producers, (cp, cn) = linears
+        consumer = getattr(cp, cn)
+        if consumer.in_features != width:
+            for p, n in producers:
+                lin = getattr(p, n)
+                setattr(p, n, _linear_like(lin, out_features=lin.out_features // consumer.in_features * width))
+            setattr(cp, cn, _linear_like(consumer, in_features=width))
+        if level:
+            for p, n in linears:
+                if not isinstance(getattr(p, n), PlannerCsrLinear):
+                    setattr(p, n, csr_like(getattr(p, n), level))
+    if heads:
+        set_heads_(layer, heads)
