@@ -2,7 +2,11 @@
 default encoder, each applied and verified (measured next to predicted speedup, quality on held-out text).
 
     python benchmarks/bench_mixed.py --work runs/bench-mixed --threads 2 [--targets 2 3] [--search 40]
-        [--sparsity 0.5,0.7,0.9,0.95]
+        [--sparsity 0.5,0.7,0.9,0.95] [--sparse-targets 1.1 1.2] [--variants structured,mixed,sparse-only,...]
+
+Variants: structured (widths only), mixed (widths and sparse levels in one DP), search (SPDY search over the
+structured DP), sparse-only (the DP over sparse levels alone, architecture kept: a plan that certainly picks
+sparse levels, at --sparse-targets), sparse-uniform (not planned: every FFN at the sparsest level).
 
 Step by step, everything cached in --work (rerun to resume): a profile with sparse levels timed, one OBS
 database with the sparse levels scored, plans for each variant, applied models, verify reports; then one
@@ -25,7 +29,8 @@ def _sparse_uniform(work: Path, prof: LatencyProfile) -> Plan:
     """Not a planned architecture: every FFN at the sparsest timed level, attention dense, SparseGPT weights
     from the mixed database. It checks that a sparse layer is measured as fast as the profile predicts."""
     import dataclasses
-    mixed = Plan.load(sorted((work / "plans-mixed").glob("plan-*.json"))[0])     # its database and options
+    src = next(d for d in ("plans-mixed", "plans-sparse-only") if (work / d).exists())
+    mixed = Plan.load(sorted((work / src).glob("plan-*.json"))[0])     # its database (sparse levels) and options
     lv = max(prof.sparse["ffn"]["levels"])
     H, F = prof.arch.n_heads, prof.arch.ffn
     layers = [{"heads": H, "ffn": F, "ffn_sparsity": lv, "attn_time": prof.times("attn").time_at(H),
@@ -45,11 +50,14 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--sparsity", default="0.5,0.7,0.9,0.95")
+    ap.add_argument("--sparse-targets", type=float, nargs="+", default=[1.1, 1.2],
+                    help="targets of the sparse-only variant (sparsity alone reaches little on CPU)")
     ap.add_argument("--search", type=int, default=40)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=ProfileConfig.rounds, help="profile rounds")
-    ap.add_argument("--variants", default="structured,mixed,search,sparse-uniform",
-                    help="sparse-uniform: every FFN at the sparsest level (needs the mixed plans)")
+    ap.add_argument("--sparse-reps", type=int, default=ProfileConfig.sparse_reps, help="profile sparse pairs")
+    ap.add_argument("--variants", default="structured,mixed,search,sparse-only,sparse-uniform",
+                    help="sparse-uniform: every FFN at the sparsest level (needs the mixed or sparse-only plans)")
     a = ap.parse_args()
     hardware.set_threads(a.threads)
     model = Path(a.model) if a.model else default_model()
@@ -58,7 +66,7 @@ def main():
     if not ppath.exists():
         print("profiling (with sparse levels)...", flush=True)
         planner.profile(model, ProfileConfig(batch_size=a.batch_size, seq_len=a.seq_len, threads=a.threads,
-                                             rounds=a.rounds,
+                                             rounds=a.rounds, sparse_reps=a.sparse_reps,
                                              sparsity=tuple(float(x) for x in a.sparsity.split(","))), out=ppath)
     prof = LatencyProfile.load(ppath)
     print(prof.conditions)
@@ -68,7 +76,7 @@ def main():
             f"{lv:g}: {t*1e3:.2f} ms" for lv, t in zip(s["levels"], s["median"]))
             + f"; faster than dense from {prof.sparse_crossover(kind)}")
     variants = {"structured": dict(sparse=False), "mixed": dict(sparse=True),
-                "search": dict(sparse=False, search=a.search)}
+                "search": dict(sparse=False, search=a.search), "sparse-only": dict(sparse=True, structured=False)}
     rows = []
     dense_model = planner.load(model)
     for name in a.variants.split(","):
@@ -77,9 +85,10 @@ def main():
         else:
             kw = variants[name]
             out = work / f"plans-{name}"
-            plans = [Plan.load(out / f"plan-{t:g}x.json") for t in a.targets] \
-                if all((out / f"plan-{t:g}x.json").exists() for t in a.targets) else \
-                planner.plan(model, ppath, PlanConfig(targets=tuple(a.targets), **kw), out,
+            targets = a.sparse_targets if name == "sparse-only" else a.targets
+            plans = [Plan.load(out / f"plan-{t:g}x.json") for t in targets] \
+                if all((out / f"plan-{t:g}x.json").exists() for t in targets) else \
+                planner.plan(model, ppath, PlanConfig(targets=tuple(targets), **kw), out,
                              db_dir=work / ("db-mixed" if kw["sparse"] else "db-structured"))
         for p in plans:
             mdir = work / "models" / f"{name}-{p.target_speedup:g}x"

@@ -109,8 +109,10 @@ def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True, db_d
     info = {"path": str(model_path), "fingerprint": fingerprint(model_path)}
     calib = {"calib_path": cfg.calib_path, "n_calib": cfg.n_calib, "calib_max_len": cfg.calib_max_len,
              "calib_batch": cfg.calib_batch, "damp": cfg.damp, "val_fraction": cfg.val_fraction,
-             "weights": "sequential" if cfg.sequential else "obs", "sparse": cfg.sparse}
-    plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib)
+             "weights": "sequential" if cfg.sequential else "obs", "sparse": cfg.sparse,
+             **({} if cfg.structured else {"structured": False})}
+    plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
+                        structured=cfg.structured)
     if cfg.search:
         plans = [_searched(p, model_path, db, prof, cfg, info, profile_path, calib, out_dir, progress) for p in plans]
     for p in plans:
@@ -133,7 +135,7 @@ def _searched(plain: Plan, model_path, db, prof, cfg: PlanConfig, info, profile_
 
     def solve(c):
         p = solve_plans(db, prof, [plain.target_speedup], cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
-                        scale=dict(zip(groups, c)))[0]
+                        scale=dict(zip(groups, c)), structured=cfg.structured)[0]
         by_key.setdefault(plan_key(p), p)
         return plan_key(p)
 

@@ -68,6 +68,8 @@ def _profile_opts(f):
         click.option("--sparsity", default="", metavar="LEVELS",
                      help="also time every module on the sparse kernel at these sparsities, e.g. 0.5,0.9,0.95 "
                           "(CPU: CSR; CUDA adds 2:4)"),
+        click.option("--sparse-reps", default=ProfileConfig.sparse_reps, show_default=True,
+                     help="dense/sparse timing pairs per sparse level and round (sparse kernels are noisier)"),
     ]):
         f = opt(f)
     return f
@@ -84,7 +86,8 @@ def _profile_cfg(kw) -> ProfileConfig:
     return ProfileConfig(batch_size=kw["batch_size"], seq_len=kw["seq_len"], mode=kw["mode"], device=kw["device"],
                          dtype=kw["dtype"],
                          threads=kw["threads"], ffn_step=kw["ffn_step"], method=kw["method"], rounds=kw["rounds"],
-                         n_mixed=kw["n_mixed"], smooth=kw["smooth"], sparsity=_levels(kw["sparsity"]))
+                         n_mixed=kw["n_mixed"], smooth=kw["smooth"], sparsity=_levels(kw["sparsity"]),
+                         sparse_reps=kw["sparse_reps"])
 
 
 @main.command()
@@ -155,6 +158,8 @@ def _plan_opts(f):
         click.option("--allow-other-machine", is_flag=True, help="accept a profile measured on another machine"),
         click.option("--sparse/--no-sparse", default=PlanConfig.sparse, show_default=True,
                      help="also offer the sparse levels the profile timed (profile --sparsity), per module"),
+        click.option("--sparse-only", is_flag=True,
+                     help="offer only the full width or a sparse level per module (the architecture is kept)"),
         click.option("--search", default=PlanConfig.search, show_default=True, metavar="N",
                      help="SPDY search: score N candidate plans per target by the stitched model's calibration "
                           "loss and keep the best (0: the plain DP); resumable"),
@@ -170,7 +175,8 @@ def _plan_cfg(targets, kw, device="cpu") -> PlanConfig:
     return PlanConfig(targets=tuple(targets), calib_path=str(kw["calib"]) if kw["calib"] else None,
                       n_calib=kw["n_calib"], error_norm=kw["error_norm"], val_fraction=kw["val_fraction"],
                       sequential=kw["sequential"], allow_other_machine=kw["allow_other_machine"], device=device,
-                      sparse=kw["sparse"], search=kw["search"], search_minutes=kw["search_minutes"],
+                      sparse=kw["sparse"], structured=not kw["sparse_only"], search=kw["search"],
+                      search_minutes=kw["search_minutes"],
                       offload=kw["offload"])
 
 

@@ -30,6 +30,8 @@ class ProfileConfig:
     smooth: int = 4                 # de-noise module curves over ±this many grid points (FFN; ≤2 for heads); 0: off
     n_mixed: int = 8                # random mixed architectures timed to fit and check the additive model
     sparsity: tuple[float, ...] = ()  # sparse-kernel levels to time per module (CSR; CUDA adds 2:4); () = none
+    sparse_reps: int = 6            # ABBA pairs per sparse variant and round: sparse kernels time noisier
+                                    # (2 pairs x 2 rounds put a 95% CSR FFN 25% off what it measured later)
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
@@ -41,7 +43,8 @@ class ProfileConfig:
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
         _check(self.ffn_step >= 1, "--ffn-step must be >= 1")
         _check(self.method in ("model", "module"), "--method must be 'model' or 'module'")
-        _check(self.reps >= 1 and self.warmup >= 0 and self.rounds >= 1, "reps/rounds must be >= 1")
+        _check(self.reps >= 1 and self.sparse_reps >= 1 and self.warmup >= 0 and self.rounds >= 1,
+               "reps/rounds must be >= 1")
         _check(self.n_mixed >= 0, "--n-mixed must be >= 0")
         _check(self.smooth >= 0, "--smooth must be >= 0")
         _check(all(0.0 < x < 1.0 for x in self.sparsity), "--sparsity levels must be in (0, 1), e.g. 0.5,0.9")
@@ -63,6 +66,7 @@ class PlanConfig:
                                     # "module": ZipLM's ‖ΔWx‖²/‖Wx‖²
     sequential: bool = True         # at apply: re-fit kept weights on inputs from the already-compressed layers
     sparse: bool = True             # also offer the DP the sparse levels the profile timed (SparseGPT weights)
+    structured: bool = True         # offer kept widths; False (--sparse-only): full width or a sparse level
     search: int = 0                 # SPDY search: candidates per target scored by stitched calibration loss (0: off)
     search_minutes: float | None = None   # stop generating candidates after this long (per target)
     n_buckets: int = 10_000
@@ -80,6 +84,7 @@ class PlanConfig:
         _check(self.n_buckets >= 100, "--buckets must be >= 100")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
         _check(self.search >= 0, "--search must be >= 0")
+        _check(self.structured or self.sparse, "--sparse-only needs the sparse levels: drop --no-sparse")
         _check(self.search_minutes is None or self.search_minutes > 0, "--search-minutes must be > 0")
 
     def to_dict(self) -> dict:

@@ -64,6 +64,9 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
     """Gradual compression to every target in `plan_cfg.targets` (see the module docstring). `recover_cfg`
     None skips distillation (each member is then the one-shot result of the previous member). Returns the
     family table (one row per member) and writes it to OUT/family.md and OUT/family.json."""
+    if not plan_cfg.structured:
+        raise PlannerError("gradual compression shrinks the model step by step; --sparse-only is for one-shot "
+                           "`planner plan` / `planner run`")
     out = Path(out_dir)
     model_path = Path(model_path)
     prof = LatencyProfile.load(profile_path)

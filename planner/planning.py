@@ -20,16 +20,18 @@ def profile_identity(p: LatencyProfile, path=None) -> dict:
             "method": p.method, "base": p.base["median"], "constant": p.constant, "created": p.created}
 
 
-def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = None, sparse: bool = True):
+def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = None, sparse: bool = True,
+            structured: bool = True):
     """groups [(layer, kind)], and per group (widths, sparsities, times, errors) arrays. Structured options
     have sparsity 0; a sparse option keeps the module's full width with its linears at that sparsity, and
-    exists where both the database and the profile have the level (one DP weighs both kinds)."""
+    exists where both the database and the profile have the level (one DP weighs both kinds).
+    structured=False offers only the full width and the sparse levels: the architecture stays as it is."""
     groups, widths, levels, times, errors = [], [], [], [], []
     for l in range(db.n_layers):
         for kind in KINDS:
             errs = db.errors(l, kind, norm)
             mt = prof.times(kind)
-            ws = [w for w in sorted(errs) if w in mt.widths]
+            ws = [w for w in sorted(errs) if w in mt.widths and (structured or w == max(errs))]
             if not ws:
                 raise UnreachableTarget(f"layer {l} {kind}: no database level is on the profile's width grid; "
                                         f"profile with the same --ffn-step as the database")
@@ -50,10 +52,14 @@ def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = 
 
 def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residual", n_buckets: int = 10_000,
                 model_info: dict | None = None, profile_path=None, extra_options: dict | None = None,
-                scale: dict | None = None) -> list[Plan]:
-    """One plan per target from one DP; `scale` {(layer, kind): c} multiplies a group's errors (SPDY search)."""
-    groups, widths, levels, times, errors = options(db, prof, norm, scale)
-    raw = options(db, prof, norm)[4] if scale else errors   # plans report unscaled errors
+                scale: dict | None = None, structured: bool = True) -> list[Plan]:
+    """One plan per target from one DP; `scale` {(layer, kind): c} multiplies a group's errors (SPDY search);
+    structured=False: sparse levels only (see `options`)."""
+    groups, widths, levels, times, errors = options(db, prof, norm, scale, structured=structured)
+    raw = options(db, prof, norm, structured=structured)[4] if scale else errors   # plans report unscaled errors
+    if not structured and not any((lv > 0).any() for lv in levels):
+        raise UnreachableTarget("--sparse-only: the database has no sparse levels the profile timed; profile "
+                                "with --sparsity (e.g. 0.9,0.95) and plan with --sparse")
     base = prof.base["median"]
     fastest = prof.constant + solver.min_time(times)
     max_speedup = base / fastest if fastest > 0 else float("inf")
@@ -61,7 +67,8 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
     for t in targets:
         b = base / t - prof.constant
         if b < solver.min_time(times) or b <= 0:
-            raise UnreachableTarget(f"speedup {t:g}x is not reachable with this profile: the largest reachable "
+            raise UnreachableTarget(f"speedup {t:g}x is not reachable with this profile"
+                                    f"{'' if structured else ' by sparse levels alone'}: the largest reachable "
                                     f"speedup is {max_speedup:.2f}x (non-prunable time {prof.constant*1e3:.2f} ms "
                                     f"of {base*1e3:.2f} ms); ask for at most {np.floor(max_speedup*100)/100:.2f}x")
         budgets.append(b)

@@ -125,11 +125,12 @@ class LatencyProfile(_JSON):
         return ModuleTimes(**self.modules[kind])
 
     def sparse_time(self, kind: str, level: float, kernel: str = "csr") -> float | None:
-        """Seconds of `kind` at full width with its linears at sparsity `level` on `kernel` (None: not timed)."""
+        """Seconds of `kind` at full width with its linears at sparsity `level` on `kernel` (None: not timed):
+        the monotone fit where the profile has one (profiles before it: the raw medians)."""
         s = self.sparse.get(kind)
         if not s:
             return None
-        for lv, k, t in zip(s["levels"], s["kernels"], s["median"]):
+        for lv, k, t in zip(s["levels"], s["kernels"], s.get("model") or s["median"]):
             if abs(lv - level) < 1e-9 and k == kernel:
                 return float(t)
         return None
@@ -140,7 +141,7 @@ class LatencyProfile(_JSON):
         if not s:
             return None
         dense = self.times(kind).monotone[-1]
-        faster = [lv for lv, t in zip(s["levels"], s["median"]) if t < dense]
+        faster = [lv for lv, t in zip(s["levels"], s.get("model") or s["median"]) if t < dense]
         return min(faster) if faster else None
 
     @property

@@ -101,3 +101,40 @@ def test_structured_only_when_asked(mixed_run, tiny_bert, calib_file):
     assert not any(k.endswith("_sparsity") for l in plans[0].layers for k in l)
     assert "sparse" not in Database(tmp / "run-structured" / "db").index["levels"]
     assert plans[0].total_error >= plan.total_error - 1e-12         # more options never hurt the DP
+
+
+def test_sparse_only_keeps_the_architecture(mixed_run, tiny_bert, calib_file):
+    """--sparse-only: every module at its full width, speed from sparse levels alone; the DP is still exact over
+    that smaller option set, and a target beyond what sparsity alone reaches is refused in one line."""
+    tmp, prof, ppath, plan = mixed_run
+    db = Database(tmp / "run" / "db")
+    groups, widths, levels, times, errors = options(db, prof, "residual", structured=False)
+    full = {"attn": prof.arch.attn_units, "ffn": prof.arch.ffn}
+    assert all(set(w.tolist()) == {full[k]} for (l, k), w in zip(groups, widths))
+    assert all(len(lv) == 3 for (l, k), lv in zip(groups, levels))           # dense, 0.5, 0.9
+    # the sparse FFN costs ~1% of dense, attention never gets faster: reachable is ~ base / (base - FFN share)
+    ceiling = prof.base["median"] / (prof.constant + sum(min(t) for t in times))
+    target = round(1 + 0.6 * (ceiling - 1), 3)
+    cfg = PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64, structured=False)
+    p = planner.plan(tiny_bert, ppath, cfg, tmp / "run", progress=False, db_dir=tmp / "run" / "db")[0]
+    assert [(l["heads"], l["ffn"]) for l in p.layers] == [(full["attn"], full["ffn"])] * len(p.layers)
+    assert any(l.get("ffn_sparsity") for l in p.layers) and p.predicted_speedup >= target - 1e-9
+    assert p.options["structured"] is False
+    budget = prof.base["median"] / target - prof.constant
+    sol = solve(times, errors, [budget], n_buckets=2000)[0]
+    bucket = budget / 2000
+    best, _ = brute_force([np.ceil(np.asarray(t) / bucket) for t in times], errors, math.floor(budget / bucket))
+    assert sol.error == pytest.approx(best, abs=1e-12)
+    with pytest.raises(planner.errors.UnreachableTarget, match="by sparse levels alone"):
+        planner.plan(tiny_bert, ppath, dataclasses.replace(cfg, targets=(round(ceiling * 1.05, 2),)), tmp / "run",
+                     progress=False, db_dir=tmp / "run" / "db")
+    with pytest.raises(planner.errors.PlannerError, match="--sparse-only needs"):
+        PlanConfig(structured=False, sparse=False)
+
+
+def test_sparse_times_never_grow_with_sparsity():
+    from planner.profiler import sparse_model
+    # CSR: 0.9 timed faster than 0.95 (noise) -> pooled to their mean; 2:4 is its own kernel, left alone
+    got = sparse_model([0.5, 0.9, 0.95, 0.5], ["csr", "csr", "csr", "2:4"], [3.0, 1.0, 1.4, 5.0])
+    assert got == pytest.approx([3.0, 1.2, 1.2, 5.0])
+    assert sparse_model([0.95, 0.5], ["csr", "csr"], [1.0, 3.0]) == [1.0, 3.0]       # already monotone, any order
