@@ -275,8 +275,9 @@ def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), prof
 
 # ------------------------------------------------------------------------------- recovery and gradual mode
 
-def _training_text(tokenizer, cfg, vocab_size: int):
-    """(passage token ids without special tokens, labels or None, special ids, vocabulary pool, text hash)."""
+def _training_text(tokenizer, cfg, vocab_size: int, truncate: bool = True):
+    """(passage token ids without special tokens, labels or None, special ids, vocabulary pool, text hash).
+    truncate: cut each passage to one training sequence (encoders); causal LMs join passages into windows."""
     import re
 
     import numpy as np
@@ -292,7 +293,8 @@ def _training_text(tokenizer, cfg, vocab_size: int):
         if not all(len(p) == 2 and p[1].strip().lstrip("-").isdigit() for p in parts):
             raise PlannerError("--task-weight needs labelled data: every line 'text<TAB>integer label'")
         lines, labels = [p[0] for p in parts], [int(p[1]) for p in parts]
-    enc = tokenizer(lines, add_special_tokens=False, truncation=True, max_length=cfg.max_len - 2)["input_ids"]
+    enc = tokenizer(lines, add_special_tokens=False, truncation=truncate,
+                    max_length=cfg.max_len - 2 if truncate else None)["input_ids"]
     cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -303,6 +305,30 @@ def _training_text(tokenizer, cfg, vocab_size: int):
     pool = np.array(sorted(i for t, i in tokenizer.get_vocab().items()
                            if i < vocab_size and i not in special and not re.fullmatch(r"\[.*\]|<.*>", t)))
     return enc, labels, Special(cls, sep, pad), pool, io.sha256_text(*lines, *map(str, labels or []))
+
+
+def _lm_training_windows(ids, tr, va, tok, pool, cfg):
+    """Causal LMs: (training windows, fixed validation window batches). The passages on each side of the
+    split are joined by EOS into one stream (as calibration and `verify` cut theirs) and cut into windows of
+    --max-len tokens."""
+    import numpy as np
+
+    from .distill import WindowData
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+    def stream(idx):
+        return np.array([t for i in idx for t in (*ids[i], *eos)], dtype=np.int64)
+
+    train = WindowData(stream(tr), cfg.max_len, cfg.batch_size, cfg.substitute, pool, cfg.seed)
+    v = stream(va)
+    n = len(v) // cfg.max_len
+    if n < 1:
+        raise PlannerError(f"the held-back passages ({len(va)}) give fewer than one window of {cfg.max_len} "
+                           f"tokens: give more text, a larger --val-fraction or a smaller --max-len")
+    w = torch.from_numpy(v[:n * cfg.max_len]).view(n, cfg.max_len)           # (n, max_len)
+    val = [{"input_ids": w[s:s + cfg.batch_size], "attention_mask": torch.ones_like(w[s:s + cfg.batch_size]),
+            "labels": None} for s in range(0, n, cfg.batch_size)]
+    return train, val
 
 
 def _check_pair(student, teacher, adapter, t_adapter):
@@ -345,13 +371,11 @@ def recover(compressed_path, teacher_path, cfg=None, out=None, progress=True, ca
         raise PlannerError("--out must be a new directory, not the compressed or the teacher model")
     hardware.set_threads(cfg.threads)
     student, adapter = load_model(compressed_path, device=cfg.device)
-    if adapter.causal_lm:
-        raise PlannerError(f"recovery by distillation supports encoders so far; {adapter.family} is a causal LM: "
-                           f"use the one-shot model (apply without --recover)")
     teacher, t_adapter = load_model(teacher_path, device=cfg.device)
     _check_pair(student, teacher, adapter, t_adapter)
     tok = load_tokenizer(compressed_path)
-    ids, labels, special, pool, data_hash = _training_text(tok, cfg, adapter.shape(student).vocab)
+    ids, labels, special, pool, data_hash = _training_text(tok, cfg, adapter.shape(student).vocab,
+                                                           truncate=not adapter.causal_lm)
     if cfg.task_weight and adapter.head_kind(student) != "sequence":
         raise PlannerError("--task-weight needs a sequence-classification head on the models")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "ckpt_every", "device")}
@@ -365,12 +389,15 @@ def recover(compressed_path, teacher_path, cfg=None, out=None, progress=True, ca
         if done is not None and done.identity == identity:
             return done                                              # finished before: not redone
     tr, va = split_passages(len(ids), cfg.val_fraction, cfg.seed)
-    train = DistillData([ids[i] for i in tr], special, pool, cfg.batch_size, cfg.max_len, cfg.concat, cfg.substitute,
-                        cfg.seed, [labels[i] for i in tr] if labels else None)
-    val_ids = sorted(va, key=lambda i: len(ids[i]))                  # length-sorted: little padding
-    val = [pad([[special.cls, *ids[i], special.sep] for i in val_ids[s:s + cfg.batch_size]], special.pad,
-               [labels[i] for i in val_ids[s:s + cfg.batch_size]] if labels else None)
-           for s in range(0, len(val_ids), cfg.batch_size)]
+    if adapter.causal_lm:
+        train, val = _lm_training_windows(ids, tr, va, tok, pool, cfg)
+    else:
+        train = DistillData([ids[i] for i in tr], special, pool, cfg.batch_size, cfg.max_len, cfg.concat,
+                            cfg.substitute, cfg.seed, [labels[i] for i in tr] if labels else None)
+        val_ids = sorted(va, key=lambda i: len(ids[i]))              # length-sorted: little padding
+        val = [pad([[special.cls, *ids[i], special.sep] for i in val_ids[s:s + cfg.batch_size]], special.pad,
+                   [labels[i] for i in val_ids[s:s + cfg.batch_size]] if labels else None)
+               for s in range(0, len(val_ids), cfg.batch_size)]
     spec = [s.to_dict() for s in adapter.spec(student)]
     ckpt = out.with_name(out.name + ".ckpt")
     ckpt.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ Losses (pure tensor functions; they know no model):
 Training data (`DistillData`): the passages, and new sequences made from them (two passages joined; a share of
 tokens swapped for random vocabulary pieces). Token-level distillation needs no labels, so any input the
 teacher can be run on is a training example; the variants show the student token contexts and vocabulary
-that a small corpus lacks. Every micro-batch is a pure function of (seed, its index), so the data position
-of a resumed run is just its step.
+that a small corpus lacks. Causal LMs (`WindowData`) train on fixed token windows cut from the joined text, as
+they calibrate and are scored, from a new offset every epoch. Every micro-batch is a pure function of (seed,
+its index), so the data position of a resumed run is just its step.
 
 The loop (`distill_`): AdamW (no decay on biases and norms), linear warm-up then linear decay over a fixed
 number of steps or over a time budget (the step count refitted to the pace at every evaluation), gradient
@@ -159,6 +160,41 @@ class DistillData:
         return self._cache[1][j]
 
 
+class WindowData:
+    """Causal-LM training micro-batches as a pure function of (seed, index m): fixed windows of `window` tokens
+    cut from one token stream (the passages joined by EOS, as `data.token_windows` does for calibration).
+
+    Epoch e cuts the stream from an offset drawn from (seed, e), so every epoch sees other window boundaries,
+    and visits the windows in a permutation drawn from (seed, e); a share `substitute` of the tokens is
+    replaced by random pieces of `vocab` (the teacher's predictions on any context are a valid target).
+    No padding: every position is a real token and predicts the next one.
+    """
+
+    def __init__(self, stream: np.ndarray, window: int, batch_size: int, substitute: float, vocab: np.ndarray,
+                 seed: int):
+        self.stream, self.window, self.batch_size = np.asarray(stream, dtype=np.int64), window, batch_size
+        self.n_windows = (len(self.stream) - window) // window          # whole windows from any offset < window
+        if self.n_windows < 1:
+            raise PlannerError(f"the training text has {len(self.stream)} tokens, fewer than two windows of "
+                               f"{window}: give more text or a smaller --max-len")
+        self.substitute, self.vocab, self.seed = substitute, vocab, seed
+        self.n_per_epoch = math.ceil(self.n_windows / batch_size)
+
+    def batch(self, m: int) -> dict:
+        e, b = divmod(m, self.n_per_epoch)
+        rng = np.random.default_rng([self.seed, e])
+        offset = int(rng.integers(self.window))
+        idx = rng.permutation(self.n_windows)[b * self.batch_size:(b + 1) * self.batch_size]     # (B,)
+        starts = offset + idx * self.window
+        ids = self.stream[starts[:, None] + np.arange(self.window)[None, :]]                     # (B, window)
+        if self.substitute:
+            r = np.random.default_rng([self.seed, e, b, 1])
+            swap = r.random(ids.shape) < self.substitute
+            ids[swap] = self.vocab[r.integers(len(self.vocab), size=int(swap.sum()))]
+        ids = torch.from_numpy(ids)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": None}
+
+
 def pad(seqs: list[list[int]], pad_id: int, labels: list[int] | None = None) -> dict:
     """{input_ids (B, T), attention_mask (B, T), labels (B,) or None} right-padded to the longest sequence."""
     T = max(len(s) for s in seqs)
@@ -288,7 +324,7 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
         """Losses and (bare encoders) embedding agreement on the held-back passages, in float32 as the saved
         model will run."""
         student.eval()
-        sums, n, es, et = {}, 0, [], []
+        sums, n, n_tok, es, et = {}, 0, 0, [], []
         with torch.no_grad():
             for b, t_out in zip(val, t_val):
                 b = _to(b, dev)
@@ -296,11 +332,19 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
                 for k, v in losses(s_out, t_out, b["attention_mask"].bool(), cfg, b.get("labels")).items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(b["input_ids"])
                 n += len(b["input_ids"])
+                if adapter.causal_lm and s_out["logits"] is not None:     # next-token NLL of the student
+                    ce = F.cross_entropy(s_out["logits"][:, :-1].float().flatten(0, 1), b["input_ids"][:, 1:].flatten(),
+                                         reduction="sum")
+                    sums["nll"] = sums.get("nll", 0.0) + float(ce)
+                    n_tok += b["input_ids"][:, 1:].numel()
                 if s_out["embedding"] is not None:
                     es.append(s_out["embedding"].float().cpu())
                     et.append(t_out["embedding"].float().cpu())
         train_mode()
+        nll = sums.pop("nll", None)
         row = {f"val_{k}": v / n for k, v in sums.items()}
+        if nll is not None:
+            row["val_ppl"] = math.exp(nll / n_tok)
         if es:
             from .verify import similarity_quality
             row.update({f"val_{k}": v for k, v in similarity_quality(torch.cat(et), torch.cat(es)).items()})

@@ -74,6 +74,73 @@ def test_decode_step_sees_a_constant_cache_length(tiny_llama):
             assert step.cache.get_seq_length() == 10 and out.logits.shape[:2] == (2, 1)
 
 
-def test_recovery_refuses_a_causal_lm_clearly(tiny_llama, tmp_path):
-    with pytest.raises(PlannerError, match="causal LM"):
-        planner.api.recover(tiny_llama, tiny_llama, out=tmp_path / "r", progress=False)
+def _lm_student(teacher, out):
+    """A compressed copy of the tiny Llama: one KV group and half the FFN of block 0, block 1's attention gone."""
+    m, a = planner.models.load_model(teacher)
+    blocks = a.layers(m)
+    a.shrink_(blocks[0], "attn", torch.tensor([0, 2, 3]), None, m.config)
+    a.shrink_(blocks[0], "ffn", torch.arange(0, m.config.intermediate_size, 2), None, m.config)
+    a.shrink_(blocks[1], "attn", torch.tensor([], dtype=torch.long), None, m.config)
+    return planner.models.save_portable(m, a, teacher, out)
+
+
+def test_window_data_is_a_function_of_the_index():
+    import numpy as np
+
+    from planner.distill import WindowData
+    stream = np.arange(1000) % 97
+    d = WindowData(stream, 16, 4, 0.0, np.arange(50, 60), seed=3)
+    b = d.batch(5)
+    assert b["input_ids"].shape == (4, 16) and bool((b["attention_mask"] == 1).all())
+    # every row is a contiguous run of the stream, not padded, not crossing the end
+    for row in b["input_ids"].numpy():
+        i = int(np.flatnonzero(stream == row[0])[0])
+        assert np.array_equal(row, stream[i:i + 16]) or np.array_equal(row, (np.arange(row[0], row[0] + 16) % 97))
+    assert torch.equal(WindowData(stream, 16, 4, 0.0, np.arange(50, 60), seed=3).batch(5)["input_ids"], b["input_ids"])
+    e0 = torch.cat([d.batch(m)["input_ids"] for m in range(d.n_per_epoch)])
+    e1 = torch.cat([d.batch(d.n_per_epoch + m)["input_ids"] for m in range(d.n_per_epoch)])
+    assert len(e0) == d.n_windows and not torch.equal(e0, e1)        # each epoch: all windows, new cuts and order
+    s = WindowData(stream, 16, 4, 0.5, np.arange(200, 210), seed=3).batch(5)["input_ids"]
+    assert 0.3 < float((s >= 200).float().mean()) < 0.7             # half the tokens swapped for pool pieces
+    with pytest.raises(PlannerError, match="fewer than two windows"):
+        WindowData(stream[:20], 16, 4, 0.0, np.arange(5), seed=0)
+
+
+def test_recovery_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout_file):
+    """Distillation moves a pruned Llama towards its teacher: KL of the next-token distributions and the
+    per-block MSE fall, held-out perplexity gets closer to the teacher's, the architecture and the generate()
+    path are untouched, and the saved directory loads with plain transformers."""
+    from planner.config import RecoverConfig
+    from planner.distill import logit_kl
+    from planner.verify import lm_quality
+    student = _lm_student(tiny_llama, tmp_path / "s")
+    cfg = RecoverConfig(data_path=str(calib_file), steps=24, batch_size=8, max_len=32, eval_every=8, ckpt_every=8,
+                        lr=3e-3, minutes=None, substitute=0.0)
+    rep = planner.recover(student, tiny_llama, cfg, out=tmp_path / "r", progress=False)
+    h = rep.history
+    assert [r["step"] for r in h] == [0, 8, 16, 24]
+    assert {"val_hidden", "val_logit", "val_ppl"} <= set(h[0])
+    assert h[-1]["val_logit"] < 0.7 * h[0]["val_logit"] and h[-1]["val_hidden"] < h[0]["val_hidden"]
+    assert rep.spec == [s.to_dict() for s in planner.models.load_model(student)[1].spec(planner.load(student))]
+    # on held-out text (random weights: perplexity itself means little, closeness to the teacher does)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama))
+    texts = planner.data.read_lines(heldout_file, "heldout.txt")[:48]
+    w = planner.data.token_windows(tok, texts, 32)                    # (N, 32)
+    teacher = planner.load(tiny_llama)
+    with torch.no_grad():
+        zt = teacher(input_ids=w).logits
+        kl = {n: float(logit_kl(planner.load(d)(input_ids=w).logits, zt, 1.0))
+              for n, d in (("oneshot", student), ("recovered", tmp_path / "r"))}
+    assert kl["recovered"] < 0.7 * kl["oneshot"], kl
+    q = {n: lm_quality(teacher, planner.load(d), tok, texts, window=32)["top1_agree"]
+         for n, d in (("oneshot", student), ("recovered", tmp_path / "r"))}
+    assert q["recovered"] > q["oneshot"], q
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"), trust_remote_code=True).eval()
+    x = torch.randint(5, 60, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, planner.load(tmp_path / "r")(input_ids=x).logits)
+        g = hf.generate(x, max_new_tokens=5, do_sample=False)
+        ids = x
+        for _ in range(5):                                           # the cache path equals a loop without cache
+            ids = torch.cat([ids, hf(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(g, ids)
