@@ -2,21 +2,27 @@
 
     python benchmarks/bench_recover.py [--run runs/b8-v3] [--targets 2 3] [--budgets 2.5 5 10] [--threads 2]
                                        [--work runs/recover-bench] [--set lr=2e-4 --set concat=0.5 ...]
+    python benchmarks/bench_recover.py --run runs/bench-lm/decode --targets 2 --work runs/recover-lm
+                                       [--lm-train-passages 20000]
 
 For each target, the one-shot student `RUN/models/planner-<t>x` (from `planner run`) is distilled from the
-dense model with `planner.recover` under each time budget (separate runs: a schedule made for a shorter budget
-anneals earlier than the middle of a longer one). During the longest run, after every held-back evaluation,
-the benchmark scores the student on the held-out text (`planner/data/heldout.txt`, 512 passages, seed 1 as `planner verify`; never
-trained on) with the training clock stopped, which gives quality against recovery time. Then dense, one-shot
-and recovered models are timed in one interleaved run (rotating order, batch × seq of the run's profile) to
-show that recovery leaves the measured speedup where it was.
+dense model it was planned from (the plan's model path) with `planner.recover` under each time budget (separate
+runs: a schedule made for a shorter budget anneals earlier than the middle of a longer one). During the longest
+run, after every held-back evaluation, the benchmark scores the student on held-out text with the training
+clock stopped, which gives quality against recovery time:
+  encoders     similarity of 512 passages of `planner/data/heldout.txt` (seed 1, as `planner verify`) to the
+               dense model's: Spearman of pairwise similarity, nearest-neighbour agreement, cosine;
+  causal LMs   perplexity and next-token agreement with the dense model on RUN/../heldout.txt (bench_lm's
+               generated held-out passages); the training text, unless --set data_path=..., is passages of the
+               tiny LM's own training generator (planner.tinylm), never the held-out seed.
+Then dense, one-shot and recovered models are timed in one interleaved run (rotating order) in the regime and
+at the batch x seq of the run's profile, to show that recovery leaves the measured speedup where it was.
 
 Writes WORK/results.json, WORK/results.md and WORK/quality-vs-time.png.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -26,12 +32,18 @@ import torch
 
 from planner import api, hardware, io
 from planner.config import RecoverConfig
-from planner.data import HELDOUT, latency_inputs, read_lines, sample
+from planner.data import HELDOUT, read_lines, sample
 from planner.models import load_model, load_tokenizer
-from planner.pipeline import default_model
+from planner.regimes import latency_call
 from planner.timing import median, spread, time_calls
-from planner.types import LatencyProfile
-from planner.verify import embeddings, similarity_quality
+from planner.types import LatencyProfile, Plan
+from planner.verify import embeddings, lm_quality, similarity_quality
+
+# held-out metrics per model kind: (keys shown in the table and the plot, plot titles)
+METRICS = {False: (("spearman", "nn_agree", "cosine"), ("Spearman of pairwise similarity",
+                                                         "nearest-neighbour agreement")),
+           True: (("ppl_increase", "top1_agree", "ppl"), ("perplexity increase over the dense model",
+                                                          "next-token agreement with the dense model"))}
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -46,19 +58,30 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def time_three(models: dict, vocab: int, batch: int, seq: int, reps: int) -> dict:
-    """Median seconds per forward of each model, timed in rotating order on the same inputs."""
-    x = latency_inputs(vocab, batch, seq)
-    fns = {k: (lambda m=m: m(**x)) for k, m in models.items()}
-    for f in fns.values():
-        time_calls(f, 1, 2)
-    acc = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in (order if r % 2 == 0 else order[::-1]):
-            acc[k].extend(time_calls(fns[k], 1, 0))
+def time_three(models: dict, adapter, prof: LatencyProfile, reps: int) -> dict:
+    """Median seconds per timed call (the profile's regime, batch and seq) of each model, in rotating order."""
+    fns = {k: latency_call(m, adapter, prof.mode, prof.batch_size, prof.seq_len) for k, m in models.items()}
+    with torch.inference_mode():
+        for f in fns.values():
+            time_calls(f, 1, 2)
+        acc = {k: [] for k in fns}
+        names = list(fns)
+        for r in range(reps):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for k in (order if r % 2 == 0 else order[::-1]):
+                acc[k].extend(time_calls(fns[k], 1, 0))
     return {k: {"median": median(v), "spread": spread(v)} for k, v in acc.items()} | {"_raw": acc}
+
+
+def _heldout(model_path, adapter, run: Path, dense):
+    """model -> held-out quality dict against `dense` (see the module docstring)."""
+    tok = load_tokenizer(model_path)
+    if adapter.causal_lm:
+        texts = read_lines(run.parent / "heldout.txt", "held-out text")
+        return lambda model: lm_quality(dense, model, tok, texts, window=128)
+    texts = sample(read_lines(None, HELDOUT), 512, seed=1)
+    e_dense = embeddings(dense, adapter, tok, texts)
+    return lambda model: similarity_quality(e_dense, embeddings(model, adapter, tok, texts))
 
 
 def main():
@@ -73,20 +96,26 @@ def main():
     ap.add_argument("--work", default="runs/recover-bench")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="RecoverConfig field=value")
     ap.add_argument("--no-timing", action="store_true", help="skip the speed measurement (probes)")
+    ap.add_argument("--lm-train-passages", type=int, default=20000,
+                    help="causal LMs without --set data_path: generated training passages (planner.tinylm)")
     a = ap.parse_args()
     hardware.set_threads(a.threads)
     run, work = Path(a.run), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    model_path = default_model()
     prof = LatencyProfile.load(next(run.glob("profile-*.json")))
-    cfg = RecoverConfig(**{"minutes": a.minutes, "threads": a.threads, **_parse_set(a.overrides)})
+    model_path = Path(Plan.load(next((run / "plans").glob("plan-*.json"))).model["path"])
     dense, adapter = load_model(model_path)
-    tok = load_tokenizer(model_path)
-    texts = sample(read_lines(None, HELDOUT), 512, seed=1)
-    e_dense = embeddings(dense, adapter, tok, texts)
-
-    def heldout(model) -> dict:
-        return similarity_quality(e_dense, embeddings(model, adapter, tok, texts))
+    overrides = _parse_set(a.overrides)
+    if adapter.causal_lm and "data_path" not in overrides:
+        from planner import tinylm
+        train = work / "train.txt"
+        if not train.exists():
+            with io.atomic_path(train) as tmp:
+                tmp.write_text("\n".join(tinylm.generate(a.lm_train_passages, seed=tinylm.TRAIN_SEED)) + "\n")
+        overrides["data_path"] = str(train)
+    cfg = RecoverConfig(**{"minutes": a.minutes, "threads": a.threads, **overrides})
+    heldout = _heldout(model_path, adapter, run, dense)
+    keys, titles = METRICS[adapter.causal_lm]
 
     rows, curves, points = [], {}, {}
     budgets = sorted(a.budgets or [a.minutes])
@@ -102,9 +131,8 @@ def main():
                 return
             q = heldout(student)
             curve.append({"minutes": row["elapsed"] / 60, "step": row["step"], "val_total": row["val_total"], **q})
-            print(f"  {t:g}x step {row['step']:5d} {row['elapsed']/60:5.2f} min  val {row['val_total']:.4f}  "
-                  f"held-out cosine {q['cosine']:.3f} spearman {q['spearman']:.3f} nn_agree {q['nn_agree']:.3f}",
-                  flush=True)
+            print(f"  {t:g}x step {row['step']:5d} {row['elapsed']/60:5.2f} min  val {row['val_total']:.4f}  held-out "
+                  + " ".join(f"{k} {q[k]:.3f}" for k in keys), flush=True)
 
         for budget in budgets:
             longest = budget == budgets[-1]
@@ -116,16 +144,14 @@ def main():
             rec, _ = load_model(out)
             q1 = heldout(rec)
             points[f"{t:g}x"].append({"minutes": rep.train_time / 60, **q1})
-            row = {"target": f"{t:g}x", "budget_min": budget, "oneshot_spearman": q0["spearman"],
-                   "oneshot_nn": q0["nn_agree"], "recovered_spearman": q1["spearman"], "recovered_nn": q1["nn_agree"],
-                   "oneshot_cosine": q0["cosine"], "recovered_cosine": q1["cosine"],
+            row = {"target": f"{t:g}x", "budget_min": budget,
+                   **{f"{w}_{k}": q[k] for k in keys for w, q in (("oneshot", q0), ("recovered", q1))},
                    "train_min": rep.train_time / 60, "wall_min": wall / 60, "steps": rep.steps,
                    "epochs": rep.epochs, "stop": rep.stop, "best_step": rep.best_step}
             if longest:
                 curves[f"{t:g}x"] = curve
                 if not a.no_timing:
-                    tm = time_three({"dense": dense, "oneshot": oneshot, "recovered": rec},
-                                    adapter.shape(dense).vocab, prof.batch_size, prof.seq_len, a.reps)
+                    tm = time_three({"dense": dense, "oneshot": oneshot, "recovered": rec}, adapter, prof, a.reps)
                     row["speedup_oneshot"] = tm["dense"]["median"] / tm["oneshot"]["median"]
                     row["speedup_recovered"] = tm["dense"]["median"] / tm["recovered"]["median"]
                     row["speed_change"] = row["speedup_recovered"] / row["speedup_oneshot"] - 1
@@ -133,8 +159,10 @@ def main():
             print(pd.DataFrame([row]).to_markdown(index=False, floatfmt=".3f"), flush=True)
 
     df = pd.DataFrame(rows)
-    cond = (f"{hardware.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; timing at batch "
-            f"{prof.batch_size} x seq {prof.seq_len}; held-out: 512 passages of planner/data/heldout.txt")
+    held = f"{run.parent / 'heldout.txt'} (perplexity, 128-token windows)" if adapter.causal_lm else \
+        "512 passages of planner/data/heldout.txt"
+    cond = (f"{hardware.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; timing: "
+            f"{prof.mode}, batch {prof.batch_size} x seq {prof.seq_len}; held-out: {held}")
     settings = {k: v for k, v in cfg.to_dict().items() if v != getattr(RecoverConfig, k, None) or k == "minutes"}
     table = f"Conditions: {cond}\nRecoverConfig (non-default): {settings}\n\n" + df.to_markdown(index=False,
                                                                                                 floatfmt=".3f")
@@ -143,27 +171,29 @@ def main():
         tmp.write_text(table + "\n")
     io.write_json(work / "results.json", {"conditions": cond, "config": cfg.to_dict(), "rows": rows, "curves": curves,
                                           "points": points})
-    plot(curves, points, work / "quality-vs-time.png", torch.get_num_threads())
+    plot(curves, points, work / "quality-vs-time.png", torch.get_num_threads(), keys[:2], titles,
+         f"{model_path.name}: held-out quality against distillation time")
 
 
-def plot(curves: dict, points: dict, path: Path, threads: int):
+def plot(curves: dict, points: dict, path: Path, threads: int, keys=("spearman", "nn_agree"),
+         titles=METRICS[False][1], suptitle=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for (name, curve), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         x = [c["minutes"] for c in curve]
-        for ax, key in zip(axes, ("spearman", "nn_agree")):
+        for ax, key in zip(axes, keys):
             ax.plot(x, [c[key] for c in curve], marker=".", color=color, label=f"{name}: during the longest run")
             ax.plot([p["minutes"] for p in points[name]], [p[key] for p in points[name]], "D", color=color,
                     label=f"{name}: end of a run with that budget")
             ax.axhline(curve[0][key], color=color, ls=":", lw=1, label=f"{name} one-shot")
-    for ax, key in zip(axes, ("Spearman of pairwise similarity", "nearest-neighbour agreement")):
+    for ax, key in zip(axes, titles):
         ax.set_xlabel(f"recovery time (min, {threads} CPU threads)")
         ax.set_title(key)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("all-MiniLM-L6-v2: held-out quality against distillation time")
+    fig.suptitle(suptitle)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
