@@ -286,7 +286,10 @@ def _training_text(tokenizer, cfg, vocab_size: int, truncate: bool = True):
     if cfg.data_path and Path(cfg.data_path).resolve() == data.shipped(data.HELDOUT).resolve():
         raise PlannerError("the training text is the shipped held-out text that verify scores on: "
                            "train on other text (default: the calibration corpus)")
-    lines = data.read_lines(cfg.data_path, data.CALIBRATION, "training text file")
+    # default: the calibration corpus and the distillation corpus (1350 passages alone were seen 40-50 times in
+    # a 10-minute run; with 3951 more, nearest-neighbour agreement at 2x went from 0.697 to 0.760)
+    lines = data.read_lines(cfg.data_path, data.CALIBRATION, "training text file") + \
+        (data.read_lines(None, data.DISTILL) if cfg.data_path is None else [])
     labels = None
     if cfg.task_weight:
         parts = [l.rsplit("\t", 1) for l in lines]

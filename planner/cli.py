@@ -186,7 +186,8 @@ def _recover_opts(prefix: str = "", full: bool = True):
     p = f"--{prefix}" if prefix else "--"
     opts = [
         click.option(f"{p}data", f"{prefix.replace('-', '_')}data", type=click.Path(path_type=Path), default=None,
-                     help="training text, one passage per line (default: the shipped calibration corpus)"),
+                     help="training text, one passage per line "
+                          "(default: the shipped calibration and distillation corpora)"),
         click.option(f"{p}minutes", f"{prefix.replace('-', '_')}minutes", type=float, default=None,
                      help=f"training-time budget; sets the number of steps (default: {R.minutes:g}, none with "
                           f"{p}steps)"),

@@ -118,7 +118,8 @@ class VerifyConfig:
 class RecoverConfig:
     """Distillation of a compressed student from its dense teacher (DESIGN §5); see planner/recover.py."""
     data_path: str | None = None    # training text, one passage per line (optionally "text<TAB>label");
-                                    # None = the shipped calibration corpus. Never the held-out text.
+                                    # None = the shipped calibration and distillation corpora. Never the
+                                    # held-out text.
     minutes: float | None = 10.0    # training-time budget (loop + evaluations, not loading); sets the step count
     steps: int | None = None        # fixed number of optimizer steps instead of a time budget
     batch_size: int = 16            # passages per micro-batch (small batches: more updates per minute)

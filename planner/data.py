@@ -11,6 +11,8 @@ from .errors import PlannerError
 
 CALIBRATION = "calibration.txt"   # shipped, original text written for this project
 HELDOUT = "heldout.txt"           # shipped, disjoint from the calibration text
+DISTILL = "distill.txt"           # shipped, more original passages for recovery: with CALIBRATION, the default
+                                  # training text (disjoint from HELDOUT, no shared 5-word run)
 
 
 def shipped(name: str) -> Path:
