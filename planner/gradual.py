@@ -78,7 +78,7 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
         raise UnreachableTarget(f"speedup {max(too_far):g}x is not reachable with this profile: the largest "
                                 f"reachable speedup is {prof.max_speedup():.2f}x")
     vc = verify_cfg or VerifyConfig(batch_size=prof.batch_size, seq_len=prof.seq_len,
-                                    threads=prof.hardware.get("threads"))
+                                    threads=prof.hardware.get("threads"), mode=prof.mode)
     current, rows, plans = model_path, [], []
     for k, t in enumerate(targets, 1):
         tag = f"{t:g}x"
@@ -115,15 +115,15 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
                 reps[name] = api.verify(model_path, mdir, vc, profile_path=profile_path, out=rpath,
                                         dense_model=dense, progress=progress)
         v = reps["gradual"]
+        keys, main = QUALITY[adapter.causal_lm]
         rows.append({"target": t, "predicted": v.predicted_speedup, "measured": v.measured_speedup,
-                     "cosine": v.quality["cosine"], "spearman": v.quality["spearman"],
-                     "nn_agree": v.quality["nn_agree"],
-                     "oneshot_spearman": reps["oneshot"].quality["spearman"] if recover_cfg is not None else None,
-                     "oneshot_nn_agree": reps["oneshot"].quality["nn_agree"] if recover_cfg is not None else None,
+                     **{k: v.quality[k] for k in keys},
+                     **{f"oneshot_{k}": reps["oneshot"].quality[k] if recover_cfg is not None else None
+                        for k in main},
                      "recover_min": rec.train_time / 60 if rec else 0.0,
                      "params_M": v.sizes["compressed_params"] / 1e6, "model": str(member)})
         _log(f"      verify: measured {v.measured_speedup:.2f}x (predicted {v.predicted_speedup:.2f}x), "
-             f"spearman {v.quality['spearman']:.3f}, nn_agree {v.quality['nn_agree']:.3f}", progress)
+             + ", ".join(f"{k} {v.quality[k]:.3f}" for k in main), progress)
         current = member
     df = pd.DataFrame(rows)
     table = format_family(df, prof) + "\n\n" + format_plan_table(plans)
@@ -134,9 +134,16 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
     return df
 
 
+# the family table's quality columns, (all, also shown for the one-shot member): encoders / causal LMs
+QUALITY = {False: (("cosine", "spearman", "nn_agree"), ("spearman", "nn_agree")),
+           True: (("ppl", "ppl_increase", "top1_agree"), ("ppl_increase", "top1_agree"))}
+
+
 def _q(d: dict) -> str:
     if "val_spearman" in d:
         return f"spearman {d['val_spearman']:.3f} / nn {d['val_nn_agree']:.3f}"
+    if "val_ppl" in d:
+        return f"perplexity {d['val_ppl']:.2f}, loss {d['val_total']:.4f}"
     return f"loss {d.get('val_total', float('nan')):.4f}"
 
 

@@ -144,3 +144,24 @@ def test_recovery_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout_file)
         for _ in range(5):                                           # the cache path equals a loop without cache
             ids = torch.cat([ids, hf(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(g, ids)
+
+
+def test_gradual_family_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout_file):
+    """compress on a decode profile: each member planned from the recovered previous one, verified in the
+    profile's regime with perplexity columns in the family table."""
+    from planner.config import RecoverConfig
+    prof, ppath = planner.profile(tiny_llama, ProfileConfig(batch_size=2, seq_len=16, mode="decode", rounds=1,
+                                                            threads=1, n_mixed=0), out=tmp_path / "p.json",
+                                  progress=False)
+    top = prof.max_speedup()
+    t1, t2 = round(1 + 0.2 * (top - 1), 2), round(1 + 0.5 * (top - 1), 2)
+    df = planner.compress(tiny_llama, ppath, tmp_path / "fam",
+                          PlanConfig(targets=(t2, t1), calib_path=str(calib_file), n_calib=48, calib_max_len=32),
+                          RecoverConfig(data_path=str(calib_file), steps=3, batch_size=4, max_len=32, minutes=None,
+                                        eval_every=3, ckpt_every=3),
+                          VerifyConfig(batch_size=2, seq_len=16, reps=3, threads=1, n_text=24, mode="decode",
+                                       text_path=str(heldout_file), ppl_window=32), progress=False)
+    assert list(df["target"]) == [t1, t2]
+    assert {"ppl", "ppl_increase", "top1_agree", "oneshot_ppl_increase"} <= set(df.columns)
+    assert (df["ppl"] > 1).all() and (df["predicted"] >= [t1 * 0.999, t2 * 0.999]).all()
+    assert "ppl_increase" in (tmp_path / "fam" / "family.md").read_text()
