@@ -15,7 +15,7 @@ from .database import Database, DatabaseConfig
 from .database import build as build_db
 from .errors import PlannerError
 from .models import fingerprint, load_model, load_tokenizer, n_params, save_portable
-from .planning import format_plan_table, solve_plans, uniform_plan
+from .planning import solve_plans
 from .profiler import check_profile, default_profile_path
 from .profiler import profile as _profile
 from .profiler import width_grid

@@ -31,7 +31,7 @@ from .errors import PlannerError, UnreachableTarget
 from .models import fingerprint, load_model
 from .planning import format_plan_table, solve_plans
 from .profiler import check_profile
-from .types import LatencyProfile, Plan, RecoverReport, VerifyReport
+from .types import LatencyProfile, Plan, VerifyReport
 
 
 def _log(msg: str, progress: bool):
