@@ -104,6 +104,9 @@ def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True, db_d
         from .errors import UnreachableTarget
         raise UnreachableTarget(f"speedup {max(too_far):g}x is not reachable with this profile: the largest "
                                 f"reachable speedup is {prof.max_speedup():.2f}x")
+    if not cfg.structured and not prof.sparse:
+        raise PlannerError("--sparse-only needs a profile with sparse levels: profile with --sparsity "
+                           "(e.g. 0.9,0.95)")
     out_dir = Path(out_dir)
     db = build_database(model_path, prof, cfg, Path(db_dir) if db_dir else out_dir / "db", progress)
     info = {"path": str(model_path), "fingerprint": fingerprint(model_path)}

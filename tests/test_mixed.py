@@ -130,6 +130,10 @@ def test_sparse_only_keeps_the_architecture(mixed_run, tiny_bert, calib_file):
                      progress=False, db_dir=tmp / "run" / "db")
     with pytest.raises(planner.errors.PlannerError, match="--sparse-only needs"):
         PlanConfig(structured=False, sparse=False)
+    plain = dataclasses.replace(prof, sparse={}).save(tmp / "no-sparse.json")
+    with pytest.raises(planner.errors.PlannerError, match="--sparse-only needs a profile with sparse levels"):
+        planner.plan(tiny_bert, plain, cfg, tmp / "never", progress=False)
+    assert not (tmp / "never").exists()                               # refused before any work
 
 
 def test_sparse_times_never_grow_with_sparsity():
