@@ -191,7 +191,7 @@ def _forward(model, adapter, cfg):
     return regimes.latency_call(model, adapter, cfg.mode, cfg.batch_size, cfg.seq_len, cfg.device)
 
 
-def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"):
+def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile", reps: int | None = None):
     """Time each variant (key -> per-layer specs) against the dense model, interleaved as `verify` does.
 
     Variants are built once and kept (when they fit in VARIANT_CACHE_BYTES), so every timing sees a long-lived
@@ -199,7 +199,8 @@ def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"
     times by up to 15% on a 2-core CPU. Each round visits the variants in a new random order and times
     dense, variant, variant, dense (ABBA); the round's ratio is variant / dense. Load from other processes and
     frequency changes scale both alike, so the ratio cancels them where a difference would keep their noise.
-    Returns ({key: [variant / dense time, one per round]}, [dense times]).
+    `reps`: ABBA pairs per variant and round (default cfg.reps). Returns ({key: [variant / dense time, one per
+    round]}, [dense times]).
     """
     keys = list(variants)
     # a variant shares the embedding table; its blocks are at most the dense blocks' size
@@ -228,8 +229,7 @@ def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"
         for i, k in enumerate(order):
             fv = get(k)
             td, tv = [], []
-            sparse_key = isinstance(k, tuple) and k[0] == "sparse"
-            for rep in range(cfg.sparse_reps if sparse_key else cfg.reps):
+            for rep in range(reps or cfg.reps):
                 pair = ((fd, td), (fv, tv)) if (i + rep) % 2 == 0 else ((fv, tv), (fd, td))
                 for fn, acc in pair:
                     acc.extend(time_calls(fn, 1, 0, cfg.device))
@@ -258,7 +258,8 @@ def _profile_in_model(model, adapter, grids, dense, mixed, cfg, progress, sparse
     sparse_variants = {("sparse", k, lv, ker): [{**full, "sparse": {k: lv}, "kernel": ker}] * L
                        for k in KINDS for lv, ker in sparse_levels}
     if sparse_variants:
-        ratios.update(_time_variants(model, adapter, sparse_variants, cfg, progress, "profile: sparse")[0])
+        ratios.update(_time_variants(model, adapter, sparse_variants, cfg, progress, "profile: sparse",
+                                     reps=cfg.sparse_reps)[0])
     t0 = median(bases)
     mods = {}
     for k in KINDS:

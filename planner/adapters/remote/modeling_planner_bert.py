@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
-from .planner_common import planner_layer_specs, planner_portable_classes
+from .planner_common import planner_layer_specs, planner_portable_classes, planner_sparsify_slots
 
 
 class ResidualNorm(nn.Module):
@@ -79,12 +79,7 @@ def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_spar
     elif layer.intermediate.dense.out_features != ffn:
         layer.intermediate.dense = _linear_like(layer.intermediate.dense, out_features=ffn)
         layer.output.dense = _linear_like(layer.output.dense, in_features=ffn)
-    for kind, level, width in (("attn", attn_sparsity, heads), ("ffn", ffn_sparsity, ffn)):
-        if level and width:
-            for parent, name in planner_sparse_slots(layer, kind):
-                lin = getattr(parent, name)
-                if not isinstance(lin, PlannerCsrLinear):
-                    setattr(parent, name, csr_like(lin, level))
+    planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, planner_sparse_slots)
 
 
 def planner_reshape_model(model, config):

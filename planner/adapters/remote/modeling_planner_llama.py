@@ -13,7 +13,7 @@ linears were sparsified: they load as dense weights with zeros and run on a CSR 
 from torch import nn
 
 from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
-from .planner_common import planner_layer_specs, planner_portable_classes
+from .planner_common import planner_layer_specs, planner_portable_classes, planner_sparsify_slots
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedMLP  # noqa: F401
 
@@ -70,12 +70,7 @@ def planner_reshape_layer(layer, layer_idx, heads, ffn, config, attn_sparsity=0.
         mlp.gate_proj = _linear_like(mlp.gate_proj, out_features=ffn)
         mlp.up_proj = _linear_like(mlp.up_proj, out_features=ffn)
         mlp.down_proj = _linear_like(mlp.down_proj, in_features=ffn)
-    for kind, level, width in (("attn", attn_sparsity, heads), ("ffn", ffn_sparsity, ffn)):
-        if level and width:
-            for parent, name in planner_sparse_slots(layer, kind):
-                lin = getattr(parent, name)
-                if not isinstance(lin, PlannerCsrLinear):
-                    setattr(parent, name, csr_like(lin, level))
+    planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, planner_sparse_slots)
 
 
 def planner_reshape_model(model, config):

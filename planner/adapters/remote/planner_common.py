@@ -139,9 +139,17 @@ def planner_reshape_by_slots(layer, heads, ffn, head_dim, attn_sparsity, ffn_spa
                 lin = getattr(p, n)
                 setattr(p, n, _linear_like(lin, out_features=lin.out_features // consumer.in_features * width))
             setattr(cp, cn, _linear_like(consumer, in_features=width))
-        if level:
-            for p, n in linears:
-                if not isinstance(getattr(p, n), PlannerCsrLinear):
-                    setattr(p, n, csr_like(getattr(p, n), level))
+    planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, slots)
     if heads:
         set_heads_(layer, heads)
+
+
+def planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, slots):
+    """Put CSR linears in every kept module of `layer` whose sparsity is > 0; slots(layer, kind) lists its
+    linears as (parent, name)."""
+    for kind, level, width in (("attn", attn_sparsity, heads), ("ffn", ffn_sparsity, ffn)):
+        if level and width:
+            for parent, name in slots(layer, kind):
+                lin = getattr(parent, name)
+                if not isinstance(lin, PlannerCsrLinear):
+                    setattr(parent, name, csr_like(lin, level))
