@@ -16,7 +16,7 @@ import torch
 
 from . import obs
 from .adapters.base import unit_indices
-from .calibration import BlockInputs, block_call, capture_block_inputs, run_block
+from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
 from .database import Database, sparse_weights
 from .errors import PlannerError
 from .progress import bar as progress_bar
@@ -117,9 +117,9 @@ def _shrink(model, adapter, i, kind, n_keep, select, db, fit):
 def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: BlockInputs):
     """H_hat = 2/n Σ x̂ x̂ᵀ and C = 2/n Σ x x̂ᵀ over real tokens: x the dense consumer's input, x̂ the
     compressed one's (full width before shrinking), paired token by token. Both (d_in, d_in) float64."""
-    d = comp_lin.in_features
-    H_hat = torch.zeros(d, d, dtype=torch.float64)
-    C = torch.zeros(d, d, dtype=torch.float64)
+    d, dev = comp_lin.in_features, comp_lin.weight.device
+    H_hat = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    C = torch.zeros(d, d, dtype=torch.float64, device=dev)
     n = 0
     got = {}
     h1 = dense_lin.register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0]))
@@ -128,8 +128,8 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
         for xd, xc, a, kw, mask in zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks):
             block_call(dblock, xd, a, kw)
             block_call(cblock, xc, a, kw)
-            x = got["x"][mask].double()                               # (tokens, d_in)
-            xh = got["xh"][mask].double()
+            x = real_tokens(got["x"], mask).to(dev, torch.float64)    # (tokens, d_in)
+            xh = real_tokens(got["xh"], mask).to(dev, torch.float64)
             H_hat += xh.T @ xh
             C += x.T @ xh
             n += x.shape[0]

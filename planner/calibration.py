@@ -61,6 +61,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     return BlockInputs(hidden, args, kwargs, masks)
 
 
+def real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of `x` at real tokens, (tokens, d). x: (B, T, d), or (B*T, d) where a layer flattens the tokens
+    (transformers' OPT runs its FFN on (B*T, d)); mask: (B, T) bool, True = real token."""
+    if x.shape[:-1].numel() != mask.numel():
+        raise ValueError(f"activation {tuple(x.shape)} does not line up with the token mask {tuple(mask.shape)}")
+    return x.reshape(-1, x.shape[-1])[mask.reshape(-1).to(x.device)]
+
+
 def to_device(obj, device):
     """`obj` with every tensor inside it (nested tuples, lists, dicts) on `device`."""
     if torch.is_tensor(obj):

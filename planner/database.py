@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import io, obs
-from .calibration import BlockInputs, block_call, capture_block_inputs, run_block
+from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
 from .errors import PlannerError
 from .progress import bar as progress_bar
 from .sparsegpt import sparsegpt
@@ -142,12 +142,12 @@ class _Stats:
 
     def _consumer_hook(self, kind):
         def hook(mod, args):
-            self.acc[kind].add_batch(args[0].to(self.device), self.mask.to(self.device))
+            self.acc[kind].add_batch(real_tokens(args[0], self.mask).to(self.device))     # (tokens, d_in)
         return hook
 
     def _slot_hook(self, kind, j):
         def hook(mod, args):
-            self.slot_acc[(kind, j)].add_batch(args[0].to(self.device), self.mask.to(self.device))
+            self.slot_acc[(kind, j)].add_batch(real_tokens(args[0], self.mask).to(self.device))
         return hook
 
     def slot_hessians(self, layer, kind) -> list[torch.Tensor]:
@@ -158,7 +158,7 @@ class _Stats:
 
     def _residual_hook(self, kind):
         def hook(x):
-            z = x[self.mask]                                         # (tokens, d) the residual stream
+            z = real_tokens(x, self.mask)                            # (tokens, d) the residual stream
             z = z - z.mean(-1, keepdim=True)                         # LayerNorm removes the mean (RMSNorm
                                                                      # does not; a denominator either way)
             self.res[kind] += float((z.double() ** 2).sum())
@@ -197,7 +197,7 @@ def _sparse_errors(block, adapter, kind, levels, H_slots, val: BlockInputs, damp
         try:
             for x, a, kw, m in zip(val.hidden, val.args, val.kwargs, val.masks):
                 block_call(b, x, a, kw)                              # the hook appends (B, T, d)
-                got[-1] = got[-1][m.to(got[-1].device)].double()     # (tokens, d) real tokens only
+                got[-1] = real_tokens(got[-1], m).double()           # (tokens, d) real tokens only
         finally:
             h.remove()
         return got

@@ -16,7 +16,9 @@ from .adapters import get_adapter
 from .adapters.remote import modeling_planner_bert  # noqa: F401  (import check: the remote code must import)
 from .errors import PlannerError
 
-COMMON_REMOTE = "planner_common.py"    # shared layers every remote model file imports relatively
+# shared files every remote model file imports relatively: the common layers, and what differs between
+# transformers releases
+COMMON_REMOTE = ("planner_common.py", "planner_compat.py")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")      # a local directory never needs the network
 # planner prints its own progress; transformers' per-load bars and reports would drown it
@@ -103,7 +105,7 @@ def save_portable(model, adapter, src_dir, out_dir, extra_config: dict | None = 
         cfg.update(portable)
         model.config.architectures = portable["architectures"]
         (tmp / "config.json").write_text(io.dumps(cfg))
-        for name in (adapter.remote_file, COMMON_REMOTE):          # the model file imports the common one
+        for name in (adapter.remote_file, *COMMON_REMOTE):         # the model file imports the common ones
             shutil.copy(Path(__file__).parent / "adapters" / "remote" / name, tmp / name)
         for p in src_dir.iterdir():
             if p.name in ("config.json", "README.md", ".gitattributes") or p.suffix in WEIGHT_SUFFIXES:

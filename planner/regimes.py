@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .adapters.remote.planner_compat import cache_kwargs, output_cache
 from .data import latency_inputs
 from .errors import PlannerError
 
@@ -32,7 +33,7 @@ def check_mode(adapter, mode: str) -> None:
 def _filled_cache(model, x: dict):
     """A KV cache holding the prompt `x` (B, T), and the last prompt token (B, 1)."""
     out = model(**x, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, x["input_ids"][:, -1:]
+    return output_cache(out), x["input_ids"][:, -1:]
 
 
 def latency_call(model, adapter, mode: str, batch_size: int, seq_len: int, device: str = "cpu") -> Callable[[], object]:
@@ -45,9 +46,10 @@ def latency_call(model, adapter, mode: str, batch_size: int, seq_len: int, devic
         return lambda: model(**x)
     cache, tok = _filled_cache(model, x)
     mask = torch.ones(batch_size, seq_len + 1, dtype=torch.long, device=device)      # (B, T + 1)
+    kw = cache_kwargs(model, cache)                           # by the name this transformers release takes
 
     def step():
-        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, attention_mask=mask, use_cache=True, **kw)
         cache.crop(-1)                            # back to T cached tokens (transformers 5: crop(-n) drops n)
         return out
     step.cache = cache                                        # for inspection (tests)
@@ -61,12 +63,12 @@ def generation_loop(model, adapter, batch_size: int, cache_len: int, steps: int,
     x = latency_inputs(adapter.shape(model).vocab, batch_size, cache_len, device)
     cache, first = _filled_cache(model, x)
     mask = torch.ones(batch_size, cache_len + steps, dtype=torch.long, device=device)  # (B, T + steps)
+    kw = cache_kwargs(model, cache)
 
     def run():
         tok = first                                                                  # (B, 1)
         for i in range(steps):
-            out = model(input_ids=tok, attention_mask=mask[:, :cache_len + i + 1], past_key_values=cache,
-                        use_cache=True)
+            out = model(input_ids=tok, attention_mask=mask[:, :cache_len + i + 1], use_cache=True, **kw)
             tok = out.logits[:, -1:].argmax(-1)                                      # (B, 1)
         cache.crop(-steps)                                                           # back to cache_len
     return run

@@ -5,11 +5,21 @@ import pytest
 import torch
 
 from planner import data
-from planner.calibration import block_call, capture_block_inputs, to_device
+from planner.calibration import block_call, capture_block_inputs, real_tokens, to_device
 from planner.database import DatabaseConfig, build
 from planner.models import load_model
 
 from .conftest import make_tiny
+
+
+def test_real_tokens_line_up_with_the_mask_in_either_layout():
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)            # (B, T, d)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    want = torch.stack([x[0, 0], x[0, 1], x[1, 0]])                           # the real tokens, in order
+    assert torch.equal(real_tokens(x, mask), want)
+    assert torch.equal(real_tokens(x.reshape(6, 4), mask), want)              # a layer that flattens (B*T, d)
+    with pytest.raises(ValueError, match="line up"):
+        real_tokens(x[:, :2], mask)
 
 
 def test_to_device_moves_nested_tensors_and_keeps_the_rest():

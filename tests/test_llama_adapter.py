@@ -17,6 +17,7 @@ from torch import nn
 import planner
 from planner import database
 from planner.adapters import get_adapter
+from planner.adapters.remote.planner_compat import cache_kwargs, output_cache
 from planner.adapters.remote import modeling_planner_llama as remote
 from planner.apply import apply_
 from planner.models import load_model, n_params, save_portable
@@ -224,8 +225,8 @@ def test_generate_with_removed_attention_matches_recompute(decoders, model_type)
         seq = ids[:1]
         for _ in range(6):
             seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], 1)
-            out = m(input_ids=seq[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-        assert out.past_key_values.get_seq_length() == seq.shape[1]
+            out = m(input_ids=seq[:, -1:], use_cache=True, **cache_kwargs(m, output_cache(out)))
+        assert output_cache(out).get_seq_length() == seq.shape[1]
         torch.testing.assert_close(out.logits[:, -1], logits(m, {"input_ids": seq})[:, -1], atol=1e-5, rtol=1e-5)
 
 
@@ -343,6 +344,6 @@ def test_profiler_variants_run_with_cache(decoders, model_type):
     with torch.no_grad():
         out = v(**x, use_cache=True, logits_to_keep=1)
         assert out.logits.shape == (2, 1, VOCAB) and torch.isfinite(out.logits).all()
-        assert out.past_key_values.get_seq_length() == 10
-        step = v(input_ids=x["input_ids"][:, :1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    assert step.past_key_values.get_seq_length() == 11 and torch.isfinite(step.logits).all()
+        assert output_cache(out).get_seq_length() == 10
+        step = v(input_ids=x["input_ids"][:, :1], use_cache=True, logits_to_keep=1, **cache_kwargs(v, output_cache(out)))
+    assert output_cache(step).get_seq_length() == 11 and torch.isfinite(step.logits).all()

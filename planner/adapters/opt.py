@@ -6,7 +6,8 @@ Post-LN: h = ln_a(h + attn(h));  h = ln_f(h + fc2(act(fc1(h)))).
 Attention unit = one head: rows [h*hd, (h+1)*hd) of q_proj, k_proj, v_proj, the same columns of out_proj (the
 consumer). FFN unit = one neuron: a row of fc1, a column of fc2. A removed module leaves its consumer's bias
 on the residual stream; pre-LN its input LayerNorm becomes an identity, post-LN the LayerNorm after it stays.
-`prepare_` makes the layers keep the FFN on (B, T, d) (modeling_planner_opt.py). A config with
+transformers runs OPT's FFN on the tokens flattened to (B*T, d); calibration lines activations up with the
+token mask either way (calibration.real_tokens). A config with
 word_embed_proj_dim != hidden_size (project_in / project_out around the stack, opt-350m) is supported: the
 blocks have width hidden_size; the last hidden state has width word_embed_proj_dim.
 """

@@ -8,43 +8,13 @@ Pre-LN OPT (`do_layer_norm_before`, opt-125m and most sizes): the removed module
 output nothing reads any more, becomes an identity. Post-LN OPT (opt-350m): the LayerNorm after the module
 stays and normalises residual + bias. An "attn_sparsity" / "ffn_sparsity" entry means that module's linears
 were sparsified: they load as dense weights with zeros and run on a CSR matmul in eval mode.
-
-The decoder layers run as `PlannerOPTDecoderLayer`, whose forward keeps the FFN's activations (B, T, d)
-where transformers flattens them to (B*T, d); same numbers.
 """
 from torch import nn
-from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
+from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
 from .planner_common import planner_layer_specs, planner_portable_classes, planner_reshape_by_slots
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedFc2  # noqa: F401
-
-
-class PlannerOPTDecoderLayer(OPTDecoderLayer):
-    """OPTDecoderLayer with the FFN on (B, T, d) instead of transformers' (B*T, d), so that every linear's input
-    lines up with the (B, T) token mask of the batch (the planner's calibration hooks rely on it)."""
-
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None,
-                **kwargs):
-        residual = hidden_states                                     # (B, T, d)
-        if self.do_layer_norm_before:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
-        hidden_states, _ = self.self_attn(hidden_states=hidden_states, past_key_values=past_key_values,
-                                          position_ids=position_ids, attention_mask=attention_mask, **kwargs)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = residual + hidden_states
-        if not self.do_layer_norm_before:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
-
-        residual = hidden_states                                     # (B, T, d)
-        if self.do_layer_norm_before:
-            hidden_states = self.final_layer_norm(hidden_states)
-        hidden_states = self.fc2(self.activation_fn(self.fc1(hidden_states)))      # (B, T, ffn) -> (B, T, d)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = residual + hidden_states
-        if not self.do_layer_norm_before:
-            hidden_states = self.final_layer_norm(hidden_states)
-        return hidden_states
 
 
 class RemovedFc1(nn.Module):
@@ -55,9 +25,8 @@ class RemovedFc1(nn.Module):
 
 
 def planner_prepare_(model):
-    """Every decoder layer runs PlannerOPTDecoderLayer's forward (same modules, same weights), in place."""
-    for layer in model.base_model.decoder.layers:
-        layer.__class__ = PlannerOPTDecoderLayer
+    """Nothing to convert: OPT's layers are used as transformers defines them (its FFN runs on the tokens
+    flattened to (B*T, d), which the planner's calibration lines up with the token mask)."""
     return model
 
 
@@ -103,7 +72,4 @@ def planner_reshape_model(model, config):
 
 _FAMILIES = ("OPT",)
 _HEADS = ("Model", "ForCausalLM")
-planner_portable_classes(globals(), __name__, _FAMILIES, _HEADS, planner_reshape_model, prepare=planner_prepare_,
-                         # device_map="auto" must not split a layer, which now has this class name
-                         extra=lambda base: {"_no_split_modules": [*base._no_split_modules,
-                                                                   PlannerOPTDecoderLayer.__name__]})
+planner_portable_classes(globals(), __name__, _FAMILIES, _HEADS, planner_reshape_model)

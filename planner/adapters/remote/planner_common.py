@@ -8,6 +8,8 @@ import warnings
 import torch
 from torch import nn
 
+from .planner_compat import cache_from_kwargs
+
 
 class PlannerCsrLinear(nn.Linear):
     """A linear whose weight has been sparsified: stored and loaded as a plain dense `weight` (zeros
@@ -67,11 +69,12 @@ class RemovedDecoderAttention(nn.Module):
         self.layer_idx = layer_idx
         self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
 
-    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = cache_from_kwargs(kwargs)                            # `cache=` (5.24+) or `past_key_values=`
+        if cache is not None:
             b, t = hidden_states.shape[:2]
             kv = hidden_states.new_zeros(b, 1, t, 1)                 # (B, 1, T, 1) keeps this slot's length right
-            past_key_values.update(kv, kv, self.layer_idx)
+            cache.update(kv, kv, self.layer_idx)
         out = self.bias if self.bias is not None else hidden_states.new_zeros(())   # (d,) or () broadcast on h
         return out, None
 
@@ -99,10 +102,10 @@ def planner_layer_specs(layers, config):
             for layer, s in zip(layers, spec)]
 
 
-def planner_portable_classes(namespace, module, families, heads, reshape_model, prepare=None, extra=None):
+def planner_portable_classes(namespace, module, families, heads, reshape_model, prepare=None):
     """Define Planner<Family><Head> in `namespace` for every such transformers class: the base class whose
     __init__ then runs `prepare(model)` (if given) and `reshape_model(model, config)`, so the checkpoint's
-    per-layer shapes exist before its weights load. `extra(base_cls)`: more class attributes."""
+    per-layer shapes exist before its weights load."""
     import transformers
 
     def make(base_cls):
@@ -111,7 +114,7 @@ def planner_portable_classes(namespace, module, families, heads, reshape_model, 
             if prepare is not None:
                 prepare(self)
             reshape_model(self, config)
-        attrs = {"__init__": __init__, "__module__": module, **(extra(base_cls) if extra else {})}
+        attrs = {"__init__": __init__, "__module__": module}
         return type("Planner" + base_cls.__name__, (base_cls,), attrs)
 
     for f in families:
