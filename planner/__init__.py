@@ -22,3 +22,7 @@ from .types import RecoverReport  # noqa: E402
 
 __all__ += ["recover", "apply_recover", "compress", "RecoverConfig", "RecoverReport"]
 __version__ = "0.1.0"
+
+from .versions import warn_if_outside as _warn_if_outside  # noqa: E402
+
+_warn_if_outside()          # one line when torch or transformers is outside the declared (tested) range

@@ -14,7 +14,9 @@ from .config import PlanConfig, ProfileConfig, VerifyConfig
 from .database import Database, DatabaseConfig
 from .database import build as build_db
 from .errors import PlannerError
-from .models import fingerprint, load_model, load_tokenizer, n_params, save_portable
+from .adapters import adapter_for
+from .models import (check_pair, fingerprint, is_planner_model, load_model, load_tokenizer, n_params, origin,
+                     save_portable)
 from .planning import solve_plans
 from .profiler import check_profile, default_profile_path
 from .profiler import profile as _profile
@@ -25,6 +27,8 @@ from .verify import conditions, embeddings, lm_quality, measure_speedup, similar
 
 def profile(model_path, cfg: ProfileConfig = ProfileConfig(), out=None, root="profiles", progress=True):
     """Measure a latency profile on this machine; write it to `out` (default under `root`). Returns (profile, path)."""
+    if out:
+        io.check_out_file(out)
     p = _profile(model_path, cfg, progress)
     path = Path(out) if out else default_profile_path(p, root)
     p.save(path)
@@ -50,7 +54,10 @@ def list_profiles(root="profiles") -> list[dict]:
     rows = []
     for path in sorted(Path(root).rglob("*.json")):
         try:
-            p = LatencyProfile.load(path)
+            d = io.read_json(path, "profile")
+            if isinstance(d, dict) and d.get("kind") not in (None, LatencyProfile.KIND):
+                continue                                     # another planner artefact (plan, verify report)
+            p = LatencyProfile.from_dict(d, path)
         except PlannerError as e:
             rows.append({"path": str(path), "error": str(e).splitlines()[0]})
             continue
@@ -61,6 +68,8 @@ def list_profiles(root="profiles") -> list[dict]:
 def report(run_dir, out_dir=None, progress=True) -> Path:
     """Render a run's profile, plans and verify reports as an HTML page with PNG plots; returns index.html."""
     from .reporting import write
+    if out_dir:
+        io.check_out_dir(out_dir, replaceable=lambda d: (d / "index.html").exists())
     return write(run_dir, out_dir, progress=progress)
 
 
@@ -71,11 +80,14 @@ def calibration_batches(model_path, calib_path, n, max_len, batch_size):
     from .models import _config_dict
     texts = data.sample(data.read_lines(calib_path, data.CALIBRATION, "calibration file"), n)
     tok = load_tokenizer(model_path)
-    causal = get_adapter(_config_dict(Path(model_path))["model_type"]).causal_lm
+    cfg_dict = _config_dict(Path(model_path))
+    causal = get_adapter(cfg_dict["model_type"]).causal_lm
+    vocab = cfg_dict.get("vocab_size")
     if causal:
-        return (data.window_batches(tok, texts, max_len, batch_size),
+        return (data.window_batches(tok, texts, max_len, batch_size, vocab),
                 io.sha256_text(*texts, str(max_len), str(batch_size), "windows"))
-    return data.batches(tok, texts, batch_size, max_len), io.sha256_text(*texts, str(max_len), str(batch_size))
+    return (data.batches(tok, texts, batch_size, max_len, vocab),
+            io.sha256_text(*texts, str(max_len), str(batch_size)))
 
 
 def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, progress=True) -> Database:
@@ -96,8 +108,10 @@ def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True, db_d
     """Build (or reuse) the OBS database (under out_dir/db, or db_dir) and write one Plan per target:
     out_dir/plan-<t>x.json."""
     prof = LatencyProfile.load(profile_path)
+    io.check_out_dir(out_dir)
     model, adapter = load_model(model_path)
     check_profile(prof, adapter.shape(model), prof.hardware.get("device", "cpu"), cfg.allow_other_machine)
+    adapter.check_positions(model.config, cfg.calib_max_len, f"--calib-max-len {cfg.calib_max_len}")
     # Refuse unreachable targets before the expensive database build.
     too_far = [t for t in cfg.targets if t > prof.max_speedup()]
     if too_far:
@@ -194,8 +208,10 @@ def apply(model_path, plan_path_or_plan, out_dir, calib_path=None, weights: str 
           progress=True, check_fingerprint=True):
     """Compress `model_path` to the plan and write a portable HF directory. Returns (out_dir, model)."""
     p = plan_path_or_plan if isinstance(plan_path_or_plan, Plan) else Plan.load(plan_path_or_plan)
+    io.check_out_dir(out_dir, replaceable=is_planner_model, protect=(model_path,))
     model, adapter = load_model(model_path)
-    if check_fingerprint and p.model.get("fingerprint") and p.model["fingerprint"] != fingerprint(model_path):
+    source_fp = fingerprint(model_path)
+    if check_fingerprint and p.model.get("fingerprint") and p.model["fingerprint"] != source_fp:
         raise PlannerError(f"the plan was made for another checkpoint ({p.model.get('path')}); plan this model first")
     o = p.options
     weights = weights or o.get("weights", "sequential")
@@ -214,7 +230,7 @@ def apply(model_path, plan_path_or_plan, out_dir, calib_path=None, weights: str 
     record = {"method": p.method, "target_speedup": p.target_speedup, "predicted_speedup": p.predicted_speedup,
               "weights": weights, "select": select, "profile": {k: p.profile.get(k) for k in
               ("batch_size", "seq_len", "dtype", "mode")} | {"hardware": p.profile.get("hardware", {}).get("key")},
-              "source": p.model}
+              "source": p.model, "origin": origin(model) or source_fp}     # the dense ancestor (gradual: not the source)
     save_portable(model, adapter, model_path, out_dir, {"planner": record})
     return Path(out_dir), model
 
@@ -228,15 +244,29 @@ def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), prof
            dense_model=None, progress=True) -> VerifyReport:
     """Measure the compressed model against the dense one in the regime of its profile (or cfg.mode):
     interleaved speedup, the profile's prediction for its architecture, and quality on held-out text."""
+    if out:
+        io.check_out_file(out)
     hardware.set_threads(cfg.threads)
     dense = dense_model if dense_model is not None else load_model(dense_path, device=cfg.device)[0]
     comp, adapter = load_model(compressed_path, device=cfg.device)
+    check_pair(comp, adapter, dense, adapter_for(dense), "pass the dense model it was made from first, then the "
+               "compressed one", dense_fingerprint=fingerprint(dense_path) if origin(comp) else None)
     rec = dict(getattr(comp.config, "planner", None) or {})
     prof = LatencyProfile.load(profile_path) if profile_path else None
     mode = cfg.mode or (prof.mode if prof else None) or rec.get("profile", {}).get("mode") or "prefill"
-    if prof is not None and prof.mode != mode:
-        raise PlannerError(f"profile is for the {prof.mode} regime, verifying {mode}: pass a {mode} profile "
-                           f"or --mode {prof.mode}")
+    if prof is not None:
+        check_profile(prof, adapter_for(dense).shape(dense), cfg.device, allow_other_machine=True)
+        if prof.mode != mode:
+            raise PlannerError(f"profile is for the {prof.mode} regime, verifying {mode}: pass a {mode} profile "
+                               f"or --mode {prof.mode}")
+        if (prof.batch_size, prof.seq_len) != (cfg.batch_size, cfg.seq_len):
+            raise PlannerError(f"profile is for batch {prof.batch_size} x seq {prof.seq_len}, verifying at "
+                               f"{cfg.batch_size} x {cfg.seq_len}: pass a profile of the same shape")
+    n_pos = cfg.seq_len + (cfg.decode_steps if mode == "decode" else 0)
+    adapter.check_positions(comp.config, n_pos, f"--seq-len {cfg.seq_len}" +
+                            (f" with --decode-steps {cfg.decode_steps}" if mode == "decode" else ""))
+    if adapter.causal_lm:
+        adapter.check_positions(comp.config, cfg.ppl_window, f"--ppl-window {cfg.ppl_window}")
     sp = measure_speedup(dense, comp, adapter, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup, cfg.device,
                          progress=progress, mode=mode, decode_steps=cfg.decode_steps)
     cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device) | {"mode": mode}
@@ -244,9 +274,6 @@ def verify(dense_path, compressed_path, cfg: VerifyConfig = VerifyConfig(), prof
         cond["decode_steps"] = cfg.decode_steps
     predicted = None
     if prof is not None:
-        if (prof.batch_size, prof.seq_len) != (cfg.batch_size, cfg.seq_len):
-            raise PlannerError(f"profile is for batch {prof.batch_size} x seq {prof.seq_len}, verifying at "
-                               f"{cfg.batch_size} x {cfg.seq_len}: pass a profile of the same shape")
         spec = [s.to_dict() for s in adapter.spec(comp)]
         predicted = prof.base["median"] / prof.predict(spec)
     else:
@@ -301,9 +328,13 @@ def _training_text(tokenizer, cfg, vocab_size: int, truncate: bool = True):
         lines, labels = [p[0] for p in parts], [int(p[1]) for p in parts]
     enc = tokenizer(lines, add_special_tokens=False, truncation=truncate,
                     max_length=cfg.max_len - 2 if truncate else None)["input_ids"]
+    data.check_ids([t for e in enc for t in e], vocab_size)
     cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if not truncate:                                   # causal LM: passages are joined by one separator token
+        sep = data.separator(tokenizer)
+        cls = sep if cls is None else cls
     if cls is None or sep is None:
         raise PlannerError("the tokenizer has no [CLS]/<s> and [SEP]/</s> tokens: cannot build training sequences")
     special = set(tokenizer.all_special_ids)
@@ -320,10 +351,10 @@ def _lm_training_windows(ids, tr, va, tok, pool, cfg):
     import numpy as np
 
     from .distill import WindowData
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    sep = data.separator(tok)
 
     def stream(idx):
-        return np.array([t for i in idx for t in (*ids[i], *eos)], dtype=np.int64)
+        return np.array([t for i in idx for t in (*ids[i], sep)], dtype=np.int64)
 
     train = WindowData(stream(tr), cfg.max_len, cfg.batch_size, cfg.substitute, pool, cfg.seed)
     v = stream(va)
@@ -335,24 +366,6 @@ def _lm_training_windows(ids, tr, va, tok, pool, cfg):
     val = [{"input_ids": w[s:s + cfg.batch_size], "attention_mask": torch.ones_like(w[s:s + cfg.batch_size]),
             "labels": None} for s in range(0, n, cfg.batch_size)]
     return train, val
-
-
-def _check_pair(student, teacher, adapter, t_adapter):
-    s_shape, t_shape = adapter.shape(student), t_adapter.shape(teacher)
-    if s_shape.family != t_shape.family:
-        raise PlannerError(f"student is a {s_shape.family} model, the teacher a {t_shape.family}: distil a compressed "
-                           f"model from the dense model it was made from")
-    for what, a, b in (("hidden size", s_shape.hidden, t_shape.hidden), ("layer count", s_shape.n_layers,
-                       len(t_adapter.layers(teacher))), ("vocabulary", s_shape.vocab, t_shape.vocab)):
-        if a != b:
-            raise PlannerError(f"student and teacher differ in {what} ({a} vs {b}): distil a compressed model from "
-                               f"the dense model it was made from")
-    if len(adapter.layers(student)) != len(t_adapter.layers(teacher)):
-        raise PlannerError("student and teacher differ in layer count: distil a compressed model from its dense model")
-    sk, tk = adapter.head_kind(student), t_adapter.head_kind(teacher)
-    if sk != tk:
-        raise PlannerError(f"student and teacher have different heads ({type(student).__name__} vs "
-                           f"{type(teacher).__name__}): load both with the same head")
 
 
 def recover(compressed_path, teacher_path, cfg=None, out=None, progress=True, callback=None):
@@ -375,17 +388,25 @@ def recover(compressed_path, teacher_path, cfg=None, out=None, progress=True, ca
     compressed_path, teacher_path, out = Path(compressed_path), Path(teacher_path), Path(out)
     if out.resolve() in (compressed_path.resolve(), teacher_path.resolve()):
         raise PlannerError("--out must be a new directory, not the compressed or the teacher model")
+    io.check_out_dir(out, replaceable=is_planner_model)
     hardware.set_threads(cfg.threads)
     student, adapter = load_model(compressed_path, device=cfg.device)
     teacher, t_adapter = load_model(teacher_path, device=cfg.device)
-    _check_pair(student, teacher, adapter, t_adapter)
+    teacher_fp = fingerprint(teacher_path)
+    check_pair(student, adapter, teacher, t_adapter, "distil a compressed model from the dense model it was "
+               "made from (--teacher)", dense_fingerprint=teacher_fp)
+    sk, tk = adapter.head_kind(student), t_adapter.head_kind(teacher)
+    if sk != tk:
+        raise PlannerError(f"student and teacher have different heads ({type(student).__name__} vs "
+                           f"{type(teacher).__name__}): load both with the same head")
+    adapter.check_positions(student.config, cfg.max_len, f"--max-len {cfg.max_len}")
     tok = load_tokenizer(compressed_path)
     ids, labels, special, pool, data_hash = _training_text(tok, cfg, adapter.shape(student).vocab,
                                                            truncate=not adapter.causal_lm)
     if cfg.task_weight and adapter.head_kind(student) != "sequence":
         raise PlannerError("--task-weight needs a sequence-classification head on the models")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "ckpt_every", "device")}
-    identity = {"student": fingerprint(compressed_path), "teacher": fingerprint(teacher_path), "data": data_hash,
+    identity = {"student": fingerprint(compressed_path), "teacher": teacher_fp, "data": data_hash,
                 "config": settings}
     if (out / "recover.json").exists() and (out / "config.json").exists():
         try:

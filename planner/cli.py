@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .config import PlanConfig, ProfileConfig, VerifyConfig
-from .errors import PlannerError
+from .errors import PlannerError, os_error_message
 
 _model_arg = click.argument("model", type=click.Path(path_type=Path))
 
@@ -27,6 +27,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PlannerError as e:
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except OSError as e:                   # the disk filled, a permission, a path that vanished mid-run
+            _fail(os_error_message(e))
         except KeyboardInterrupt:
             _fail("interrupted; rerun the same command to resume", 130)
 
@@ -65,9 +67,9 @@ def _profile_opts(f):
                      help="de-noise module time curves over +-N grid points (0: use the medians as measured)"),
         click.option("--n-mixed", default=ProfileConfig.n_mixed, show_default=True,
                      help="random mixed architectures timed to fit and check the latency model (0: none)"),
-        click.option("--sparsity", default="", metavar="LEVELS",
+        click.option("--sparsity", multiple=True, metavar="LEVELS",
                      help="also time every module on the sparse kernel at these sparsities, e.g. 0.5,0.9,0.95 "
-                          "(CPU: CSR; CUDA adds 2:4)"),
+                          "or --sparsity 0.5 --sparsity 0.9 (CPU: CSR; CUDA adds 2:4)"),
         click.option("--sparse-reps", default=ProfileConfig.sparse_reps, show_default=True,
                      help="dense/sparse timing pairs per sparse level and round (sparse kernels are noisier)"),
     ]):
@@ -75,11 +77,13 @@ def _profile_opts(f):
     return f
 
 
-def _levels(text: str) -> tuple[float, ...]:
+def _levels(texts) -> tuple[float, ...]:
+    """--sparsity given once or repeated, each a comma-separated list: every level, once, ascending."""
     try:
-        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+        return tuple(sorted({float(x) for t in texts for x in t.replace(" ", "").split(",") if x}))
     except ValueError:
-        raise PlannerError(f"--sparsity takes comma-separated numbers such as 0.5,0.9; got {text!r}") from None
+        raise PlannerError(f"--sparsity takes comma-separated numbers such as 0.5,0.9; got {' '.join(texts)!r}") \
+            from None
 
 
 def _profile_cfg(kw) -> ProfileConfig:

@@ -43,13 +43,36 @@ def sample(lines: list[str], n: int, seed: int = 0) -> list[str]:
     return [lines[i] for i in idx[:n]]
 
 
-def batches(tokenizer, texts: list[str], batch_size: int, max_len: int) -> list[dict]:
-    """Padded batches {input_ids, attention_mask} (B, T), sorted by length so padding stays small."""
+def check_ids(ids, vocab: int | None) -> None:
+    """Refuse token ids the model has no embedding for: the tokenizer and the model do not belong together
+    (torch would stop with 'index out of range' deep inside the embedding)."""
+    if vocab is None or ids is None or len(ids) == 0:
+        return
+    top = int(max(ids)) if not torch.is_tensor(ids) else int(ids.max())
+    if top >= vocab:
+        raise PlannerError(f"the tokenizer gives token id {top}, but the model has {vocab} embeddings (vocab_size): "
+                           f"its tokenizer files do not belong to this model; put the model's own tokenizer next to it")
+
+
+def separator(tokenizer) -> int:
+    """The token between joined passages of a causal LM's token stream: EOS, else SEP, else BOS."""
+    for name in ("eos_token_id", "sep_token_id", "bos_token_id"):
+        t = getattr(tokenizer, name, None)
+        if t is not None:
+            return t
+    raise PlannerError("the tokenizer has no EOS (nor SEP or BOS) token to mark where one passage ends and the next "
+                       "begins: set \"eos_token\" in the model's tokenizer_config.json")
+
+
+def batches(tokenizer, texts: list[str], batch_size: int, max_len: int, vocab: int | None = None) -> list[dict]:
+    """Padded batches {input_ids, attention_mask} (B, T), sorted by length so padding stays small. With `vocab`,
+    ids the model cannot embed are refused (check_ids)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = []
     for s in range(0, len(order), batch_size):
         chunk = [texts[i] for i in order[s:s + batch_size]]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        check_ids(enc["input_ids"], vocab)
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                     "index": torch.tensor(order[s:s + batch_size])})
     return out
@@ -62,23 +85,24 @@ def latency_inputs(vocab: int, batch_size: int, seq_len: int, device="cpu", seed
     return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device)}
 
 
-def token_windows(tokenizer, texts: list[str], window: int) -> torch.Tensor:
-    """(N, window) token ids: the texts tokenised without special tokens, joined by EOS (where the tokenizer
-    has one) and cut into consecutive windows; the incomplete tail is dropped. What causal LMs calibrate and
-    are scored on: no padding, every position predicts the next token."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def token_windows(tokenizer, texts: list[str], window: int, vocab: int | None = None) -> torch.Tensor:
+    """(N, window) token ids: the texts tokenised without special tokens, joined by the separator (EOS) and
+    cut into consecutive windows; the incomplete tail is dropped. What causal LMs calibrate and are scored on:
+    no padding, every position predicts the next token. With `vocab`, ids the model cannot embed are refused."""
+    sep = [separator(tokenizer)]
     ids: list[int] = []
     for t in texts:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + eos
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+    check_ids(ids, vocab)
     n = len(ids) // window
     if n == 0:
         raise PlannerError(f"the text has {len(ids)} tokens, fewer than one window of {window}: give more text")
     return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
 
 
-def window_batches(tokenizer, texts: list[str], window: int, batch_size: int) -> list[dict]:
+def window_batches(tokenizer, texts: list[str], window: int, batch_size: int, vocab: int | None = None) -> list[dict]:
     """Batches {input_ids, attention_mask, index} of token windows (see token_windows): the causal-LM
     counterpart of `batches`."""
-    w = token_windows(tokenizer, texts, window)                      # (N, window)
+    w = token_windows(tokenizer, texts, window, vocab)               # (N, window)
     return [{"input_ids": w[s:s + batch_size], "attention_mask": torch.ones_like(w[s:s + batch_size]),
              "index": torch.arange(s, min(s + batch_size, len(w)))} for s in range(0, len(w), batch_size)]

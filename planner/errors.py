@@ -19,3 +19,22 @@ class ProfileMismatch(PlannerError):
 
 class UnreachableTarget(PlannerError):
     pass
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError met while reading or writing: what failed, where, and what to do. Every file
+    planner writes goes to a temporary name first, so nothing half-written is left behind."""
+    import errno
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    advice = {errno.ENOSPC: "no space left on the device{w}: free some space or write to another disk (--out); "
+                            "nothing was left half-written",
+              errno.EDQUOT: "disk quota exceeded{w}: free some space or write elsewhere (--out); nothing was left "
+                            "half-written",
+              errno.EACCES: "permission denied{w}: choose a directory you can write to",
+              errno.EPERM: "operation not permitted{w}: choose a directory you can write to",
+              errno.EROFS: "read-only file system{w}: write to another place (--out)",
+              errno.ENOENT: "no such file or directory{w}: check the path",
+              errno.ENOTDIR: "a path component is a file, not a directory{w}: check the path",
+              errno.EISDIR: "is a directory{w}: give a file name"}
+    msg = advice.get(e.errno)
+    return msg.format(w=where) if msg else f"{e.strerror or type(e).__name__}{where}"

@@ -67,7 +67,7 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
     if not plan_cfg.structured:
         raise PlannerError("gradual compression shrinks the model step by step; --sparse-only is for one-shot "
                            "`planner plan` / `planner run`")
-    out = Path(out_dir)
+    out = io.check_out_dir(out_dir)
     model_path = Path(model_path)
     prof = LatencyProfile.load(profile_path)
     dense, adapter = load_model(model_path)

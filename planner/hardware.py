@@ -42,14 +42,16 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def describe(device: str = "cpu") -> dict:
-    """{device, name, key, threads, torch, transformers, python}; `key` names the profile directory."""
+def describe(device: str = "cpu", threads: int | None = None) -> dict:
+    """{device, name, key, threads, torch, transformers, python}; `key` names the profile directory: the device
+    and, on CPU, the thread count (`threads`, default the current one), which latency depends on."""
+    threads = threads or torch.get_num_threads()
     if device == "cuda":
         name = torch.cuda.get_device_name()
         key = slug(name)
     else:
         name = cpu_name()
-        key = f"{slug(name)}-t{torch.get_num_threads()}"
-    return {"device": device, "name": name, "key": key, "threads": torch.get_num_threads(),
+        key = f"{slug(name)}-t{threads}"
+    return {"device": device, "name": name, "key": key, "threads": threads,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": sys.version.split()[0]}

@@ -121,5 +121,37 @@ def save_portable(model, adapter, src_dir, out_dir, extra_config: dict | None = 
     return out_dir
 
 
+def is_planner_model(path) -> bool:
+    """Whether directory `path` holds a model planner wrote (apply / recover output), which a rerun may replace."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("planner" in cfg or "planner_layers" in cfg)
+
+
+def origin(model) -> str | None:
+    """Fingerprint of the dense checkpoint a planner-compressed model descends from (None: not recorded, e.g. a
+    dense model or one saved by an older planner)."""
+    rec = getattr(model.config, "planner", None) or {}
+    return rec.get("origin")
+
+
+def check_pair(comp, adapter, dense, d_adapter, fix: str, dense_fingerprint: str | None = None) -> None:
+    """Refuse a compressed model and a dense model that do not belong together: another family, hidden size,
+    layer count or vocabulary, or (where the dense checkpoint's fingerprint is given and the compressed model
+    records its origin) another dense checkpoint. `fix` says what to pass instead."""
+    c, d = adapter.shape(comp), d_adapter.shape(dense)
+    if c.family != d.family:
+        raise PlannerError(f"the compressed model is a {c.family} model, the dense one a {d.family}: {fix}")
+    for what, a, b in (("hidden size", c.hidden, d.hidden), ("layer count", len(adapter.layers(comp)),
+                       len(d_adapter.layers(dense))), ("vocabulary", c.vocab, d.vocab)):
+        if a != b:
+            raise PlannerError(f"the compressed and the dense model differ in {what} ({a} vs {b}): {fix}")
+    mine = origin(comp)
+    if dense_fingerprint is not None and mine is not None and mine != dense_fingerprint:
+        raise PlannerError(f"the compressed model was made from another checkpoint than the dense one given: {fix}")
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())

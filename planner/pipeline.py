@@ -48,7 +48,7 @@ def _log(msg, quiet):
 
 
 def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) -> pd.DataFrame:
-    out = Path(out_dir)
+    out = io.check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = not quiet
     pc = cfg.profile

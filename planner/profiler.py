@@ -99,6 +99,8 @@ def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = T
     hardware.set_threads(cfg.threads)
     model, adapter = dense_model_from_config(model_path, DTYPES[cfg.dtype], cfg.device)
     regimes.check_mode(adapter, cfg.mode)
+    # decode: the cache holds seq_len tokens and the timed step adds one
+    adapter.check_positions(model.config, cfg.seq_len + (cfg.mode == "decode"), f"--seq-len {cfg.seq_len}")
     if cfg.method == "module" and adapter.causal_lm:
         raise PlannerError("--method module times BERT-style modules alone; profile decoders with --method model")
     shape = adapter.shape(model)
@@ -342,7 +344,9 @@ def check_profile(p: LatencyProfile, shape, device: str = "cpu", allow_other_mac
     if p.shape.get("key") != shape.key:
         raise PlannerError(f"profile is for architecture {p.shape.get('key')}, the model is {shape.key}: "
                            f"profile this model with `planner profile`")
-    here = hardware.describe(device)
+    # the machine, at the profile's own thread count: a plan may be made with any number of threads, the
+    # deployment (and verify) runs at the profile's
+    here = hardware.describe(device, threads=p.hardware.get("threads"))
     if p.hardware.get("key") != here["key"] and not allow_other_machine:
         raise PlannerError(f"profile was measured on {p.hardware.get('name')!r} ({p.hardware.get('key')}), "
                            f"this machine is {here['key']}: profile here, or pass --allow-other-machine")

@@ -56,7 +56,7 @@ def measure_speedup(dense, comp, adapter, batch_size: int, seq_len: int, reps: i
 def lm_quality(dense, comp, tokenizer, texts, window: int = 128, batch_size: int = 8, device: str = "cpu",
                progress: bool = False) -> dict:
     """Perplexity of both causal LMs on the same held-out token windows, and their next-token agreement."""
-    wins = token_windows(tokenizer, texts, window)                   # (N, window)
+    wins = token_windows(tokenizer, texts, window, comp.config.vocab_size)       # (N, window)
     nll = {"dense": 0.0, "comp": 0.0}
     agree = n = 0
     for s in progress_bar(range(0, len(wins), batch_size), desc="verify: perplexity", unit="batch",
@@ -80,8 +80,8 @@ def lm_quality(dense, comp, tokenizer, texts, window: int = 128, batch_size: int
 def embeddings(model, adapter, tokenizer, texts, batch_size=32, max_len=128, device="cpu", progress: bool = False,
                desc: str = "embeddings") -> torch.Tensor:
     out = torch.empty(len(texts), model.config.hidden_size)
-    for b in progress_bar(make_batches(tokenizer, texts, batch_size, max_len), desc=desc, unit="batch",
-                          progress=progress):
+    batches = make_batches(tokenizer, texts, batch_size, max_len, model.config.vocab_size)
+    for b in progress_bar(batches, desc=desc, unit="batch", progress=progress):
         e = adapter.embed(model, b["input_ids"].to(device), b["attention_mask"].to(device))
         out[b["index"]] = e.float().cpu()
     return out                                                       # (N, d), rows L2-normalised

@@ -87,6 +87,8 @@ def test_cli_sparsity_errors(tiny_bert, tmp_path):
     for bad, msg in (("0.5,x", "comma-separated"), ("1.5", "(0, 1)")):
         r = CliRunner().invoke(main, ["profile", str(tiny_bert), "--sparsity", bad, "--out", str(tmp_path / "p.json")])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and msg in r.output, r.output
+    from planner.cli import _levels
+    assert _levels(("0.5", "0.9,0.95", "0.9")) == (0.5, 0.9, 0.95)      # repeated like --speedup, and lists
     r = CliRunner().invoke(main, ["profile", str(tiny_bert), "--sparsity", "0.5", "--method", "module",
                                   "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 2 and "--method model" in r.output

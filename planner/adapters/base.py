@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import PlannerError
 from ..types import ArchShape
 from .remote.planner_common import csr_like
 
@@ -45,6 +46,17 @@ class Adapter:
         """Called once on every loaded or profiled model, before anything else looks at it: bring it into the
         form the algorithms expect (e.g. GPT-2's transposed Conv1D layers become nn.Linear). Same outputs."""
         return model
+
+    def max_positions(self, config) -> int | None:
+        """The longest sequence the model's position embeddings cover (None: no hard limit, e.g. rotary)."""
+        return None
+
+    def check_positions(self, config, n: int, what: str) -> None:
+        """Refuse `n` tokens where the model has learned position embeddings for fewer."""
+        limit = self.max_positions(config)
+        if limit is not None and n > limit:
+            raise PlannerError(f"{what} needs {n} positions, but this {self.family} model has position embeddings "
+                               f"for {limit} tokens: use at most {limit}")
 
     def forward_kwargs(self) -> dict:
         """Extra keyword arguments for calibration and evaluation forwards (decoders: no KV cache)."""

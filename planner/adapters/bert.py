@@ -55,6 +55,11 @@ class BertAdapter(Adapter):
     def base(self, model):
         return getattr(model, model.base_model_prefix, model)
 
+    def max_positions(self, config):
+        # RoBERTa-style models number positions from padding_idx + 1 (514 embeddings serve 512 tokens)
+        offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+        return config.max_position_embeddings - offset
+
     def layers(self, model):
         return self.base(model).encoder.layer
 

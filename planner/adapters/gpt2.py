@@ -30,6 +30,9 @@ class GPT2Adapter(DecoderAdapter):
     def ffn_width(self, config):
         return config.n_inner or 4 * config.hidden_size
 
+    def max_positions(self, config):
+        return config.n_positions
+
     def layers(self, model):
         return self.base(model).h
 

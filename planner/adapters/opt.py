@@ -28,6 +28,9 @@ class OPTAdapter(DecoderAdapter):
     def ffn_width(self, config):
         return config.ffn_dim
 
+    def max_positions(self, config):
+        return config.max_position_embeddings
+
     def layers(self, model):
         return self.base(model).decoder.layers
 
