@@ -20,9 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import planner
 from planner import api
-from planner.config import PlanConfig, VerifyConfig
+from planner.config import PlanConfig
 from planner.data import HELDOUT, read_lines, sample
 from planner.models import load_model, load_tokenizer
 from planner.pipeline import default_model

@@ -16,7 +16,7 @@ from . import api, io
 from .config import PlanConfig, ProfileConfig, VerifyConfig
 from .errors import PlannerError
 from .planning import format_plan_table, uniform_plan
-from .types import LatencyProfile, Plan, VerifyReport
+from .types import LatencyProfile, VerifyReport
 
 
 def default_model() -> Path:

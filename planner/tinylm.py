@@ -900,7 +900,6 @@ def train(out_dir, cfg: TinyLMConfig = TinyLMConfig(), progress: bool = True) ->
     import numpy as np
     import tokenizers
     import torch
-    import transformers
 
     from . import hardware
     from .progress import bar

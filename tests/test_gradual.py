@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import planner
 from planner.cli import main
-from planner.config import PlanConfig, RecoverConfig
+from planner.config import PlanConfig
 from planner.models import load_model
 from planner.types import LatencyProfile, Plan, RecoverReport, VerifyReport
 

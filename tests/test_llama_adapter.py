@@ -6,8 +6,6 @@ head_dim that differs from hidden / heads, 4 query heads per KV head and a short
 are DynamicSlidingWindowLayer); qwen2 with q/k/v biases only and a tied LM head.
 """
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from planner.profiler import _variant, dense_model_from_config
 from planner.types import Plan
 
 from .conftest import mask_removed_, save_perturbed
+from .portable import load_without_planner
 
 VOCAB, HIDDEN, HEADS, FFN, LAYERS = 300, 64, 8, 96, 3
 CONFIGS = {
@@ -232,22 +231,6 @@ def test_generate_with_removed_attention_matches_recompute(decoders, model_type)
 
 # ------------------------------------------------------------------------------------ portable checkpoint
 
-_LOAD_WITHOUT_PLANNER = r"""
-import sys, torch
-sys.modules["planner"] = None                      # any `import planner` now fails
-from transformers import AutoModelForCausalLM
-x = torch.load(sys.argv[1])
-got = {}
-for name, path in x["dirs"].items():
-    m = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    with torch.no_grad():
-        y = m(**x["inputs"], use_cache=False).logits
-        g = m.generate(**x["prompt"], max_new_tokens=6, do_sample=False, pad_token_id=0)
-    got[name] = {"y": y, "gen": g, "cls": type(m).__name__, "layers": m.config.planner_layers}
-torch.save(got, sys.argv[2])
-"""
-
-
 def _prune_for_saving_(m, ad):
     """Every kind of layer change: a removed attention, a removed FFN, shrunk widths and a sparse FFN."""
     L = ad.layers(m)
@@ -275,20 +258,13 @@ def test_portable_roundtrip_without_planner(decoders, tmp_path):
         assert torch.equal(logits(m2, x), refs[t][0])
         assert m2.config.auto_map["AutoModelForCausalLM"] == f"modeling_planner_llama.{type(m2).__name__}"
 
-    torch.save({"dirs": dirs, "inputs": x, "prompt": prompt}, tmp_path / "x.pt")
-    script = tmp_path / "load.py"
-    script.write_text(_LOAD_WITHOUT_PLANNER)
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], cwd=tmp_path,
-                       capture_output=True, text=True,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = torch.load(tmp_path / "y.pt")
+    got = load_without_planner(dirs, x, tmp_path / "fresh", prompt=prompt, new_tokens=6)
     for t in TYPES:
         assert got[t]["cls"] == f"Planner{CONFIGS[t][0].__name__.removesuffix('Config')}ForCausalLM"
         assert got[t]["layers"] == [{"heads": 0, "ffn": 32}, {"heads": 1, "ffn": 0},
                                     {"heads": CONFIGS[t][1]["num_key_value_heads"], "ffn": FFN,
                                      "ffn_sparsity": 0.5}]
-        assert torch.equal(got[t]["y"], refs[t][0])
+        assert torch.equal(got[t]["logits"], refs[t][0])
         assert torch.equal(got[t]["gen"], refs[t][1])
 
 

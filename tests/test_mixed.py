@@ -15,7 +15,6 @@ from planner.config import PlanConfig, ProfileConfig
 from planner.database import Database
 from planner.planning import options
 from planner.solver import solve
-from planner.types import LatencyProfile
 
 from .test_solver import brute_force
 

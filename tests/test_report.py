@@ -16,7 +16,7 @@ from planner import plots, progress
 from planner import reporting as report
 from planner.cli import main
 from planner.errors import PlannerError
-from planner.types import LatencyProfile, Plan, VerifyReport
+from planner.types import LatencyProfile
 
 RUN = ["-b", "8", "-s", "128", "--rounds", "1", "--threads", "1", "--n-calib", "64"]
 

@@ -8,7 +8,6 @@ from click.testing import CliRunner
 
 import planner
 from planner import profiler
-from planner.adapters import get_adapter
 from planner.cli import main
 from planner.config import ProfileConfig
 from planner.sparse import CsrLinear, csr_like, density, random_mask, sparse_like
