@@ -36,3 +36,16 @@ def test_inside_the_range_import_is_silent():
     r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", "import planner"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_ci_and_readme_name_the_tested_releases():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    ci, readme = (root / ".ci" / "run").read_text(), (root / "README.md").read_text()
+    oldest = versions.TESTED["transformers"][0]
+    assert f"'transformers=={oldest}'" in ci                     # the second pass runs the oldest tested release
+    for name, tested in versions.TESTED.items():
+        for v in tested:
+            assert f"{name} {v}" in readme, f"README does not say {name} {v} was tested"
+    for name, spec in versions.declared_ranges().items():
+        assert f"{name}{spec}" in readme.replace(" ", ""), f"README does not state the declared {name}{spec}"
