@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from planner import api, hardware, profiler
+from planner import api, hardware
+from planner.stages import profile as profiler
 from planner.config import PlanConfig
-from planner.pipeline import default_model
-from planner.planning import uniform_plan
+from planner.jobs.run import default_model
+from planner.stages.plan import uniform_plan
 from planner.types import LatencyProfile, Plan
-from planner.verify import measure_speedup
+from planner.stages.verify import measure_speedup
 
 
 def main():

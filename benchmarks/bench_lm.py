@@ -4,7 +4,7 @@ For each regime (prefill: batch 8 x 128-token prompts, time to the first token; 
 per sequence against a 128-token KV cache) the whole job runs: profile on this machine, OBS database + DP for
 every target, apply (sequential OBS weights) and the uniform magnitude baseline at the same predicted speedup,
 verify (interleaved timing; perplexity on held-out text). Every stage resumes from --work.
-The model is trained once and cached (planner.tinylm.ensure).
+The model is trained once and cached (tinylm.ensure).
 
     python benchmarks/bench_lm.py --work runs/bench-lm --threads 2 [--targets 1.5 2] [--modes prefill decode]
 
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from planner import pipeline, tinylm
+from planner.jobs import run as pipeline
+import tinylm
 from planner.config import PlanConfig, ProfileConfig, VerifyConfig
-from planner.profiler import default_profile_path
+from planner.stages.profile import default_profile_path
 from planner.types import LatencyProfile
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import planner
 from planner import hardware
 from planner.config import PlanConfig, ProfileConfig, VerifyConfig
-from planner.pipeline import default_model
+from planner.jobs.run import default_model
 from planner.types import LatencyProfile, Plan, VerifyReport
 
 

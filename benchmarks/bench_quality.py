@@ -23,11 +23,11 @@ import torch
 from planner import api
 from planner.config import PlanConfig
 from planner.data import HELDOUT, read_lines, sample
-from planner.models import load_model, load_tokenizer
-from planner.pipeline import default_model
-from planner.planning import uniform_plan
+from planner.adapters.checkpoint import load_model, load_tokenizer
+from planner.jobs.run import default_model
+from planner.stages.plan import uniform_plan
 from planner.types import LatencyProfile
-from planner.verify import embeddings, similarity_quality
+from planner.stages.verify import embeddings, similarity_quality
 
 VARIANTS = {
     "A zipLM-faithful": dict(val_fraction=0.0, error_norm="module", weights="obs"),

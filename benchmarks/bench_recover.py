@@ -14,7 +14,7 @@ clock stopped, which gives quality against recovery time:
                dense model's: Spearman of pairwise similarity, nearest-neighbour agreement, cosine;
   causal LMs   perplexity and next-token agreement with the dense model on RUN/../heldout.txt (bench_lm's
                generated held-out passages); the training text, unless --set data_path=..., is passages of the
-               tiny LM's own training generator (planner.tinylm), never the held-out seed.
+               tiny LM's own training generator (tinylm), never the held-out seed.
 Then dense, one-shot and recovered models are timed in one interleaved run (rotating order) in the regime and
 at the batch x seq of the run's profile, to show that recovery leaves the measured speedup where it was.
 
@@ -33,11 +33,11 @@ import torch
 from planner import api, hardware, io
 from planner.config import RecoverConfig
 from planner.data import HELDOUT, read_lines, sample
-from planner.models import load_model, load_tokenizer
-from planner.regimes import latency_call
+from planner.adapters.checkpoint import load_model, load_tokenizer
+from planner.stages.regimes import latency_call
 from planner.timing import median, spread, time_calls
 from planner.types import LatencyProfile, Plan
-from planner.verify import embeddings, lm_quality, similarity_quality
+from planner.stages.verify import embeddings, lm_quality, similarity_quality
 
 # held-out metrics per model kind: (keys shown in the table and the plot, plot titles)
 METRICS = {False: (("spearman", "nn_agree", "cosine"), ("Spearman of pairwise similarity",
@@ -97,7 +97,7 @@ def main():
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="RecoverConfig field=value")
     ap.add_argument("--no-timing", action="store_true", help="skip the speed measurement (probes)")
     ap.add_argument("--lm-train-passages", type=int, default=20000,
-                    help="causal LMs without --set data_path: generated training passages (planner.tinylm)")
+                    help="causal LMs without --set data_path: generated training passages (tinylm)")
     a = ap.parse_args()
     hardware.set_threads(a.threads)
     run, work = Path(a.run), Path(a.work)
@@ -107,7 +107,7 @@ def main():
     dense, adapter = load_model(model_path)
     overrides = _parse_set(a.overrides)
     if adapter.causal_lm and "data_path" not in overrides:
-        from planner import tinylm
+        import tinylm
         train = work / "train.txt"
         if not train.exists():
             with io.atomic_path(train) as tmp:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_recover import METRICS, _heldout  # noqa: E402
 
 from planner import hardware, io  # noqa: E402
-from planner.models import load_model  # noqa: E402
+from planner.adapters.checkpoint import load_model  # noqa: E402
 from planner.types import Plan, RecoverReport  # noqa: E402
 
 

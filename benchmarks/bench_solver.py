@@ -1,4 +1,4 @@
-"""Time planner.solver.solve on realistic sizes: `python benchmarks/bench_solver.py`."""
+"""Time planner.algorithms.solver.solve on realistic sizes: `python benchmarks/bench_solver.py`."""
 from __future__ import annotations
 
 import statistics
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from planner.solver import min_time, solve  # noqa: E402
+from planner.algorithms.solver import min_time, solve  # noqa: E402
 
 REPS = 5
 

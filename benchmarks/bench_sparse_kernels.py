@@ -16,9 +16,9 @@ import time
 import torch
 
 from planner import hardware
-from planner.models import _config_dict
-from planner.pipeline import default_model
-from planner.sparse import kernel_for, sparse_like
+from planner.adapters.checkpoint import _config_dict
+from planner.jobs.run import default_model
+from planner.algorithms.sparse import kernel_for, sparse_like
 
 
 def _time(fn, device):

@@ -2,7 +2,7 @@
 
     python benchmarks/train_lm.py [--out DIR] [--steps N] [--set key=value ...] [--retrain] [--quiet]
 
-Without --out the model lands in the cache that `planner.tinylm.ensure` uses ($PLANNER_CACHE or
+Without --out the model lands in the cache that `tinylm.ensure` uses ($PLANNER_CACHE or
 ~/.cache/planner, folder tinylm-<hash of config + text>) and is reused when it is already there; with --out it is
 trained into DIR (again reused when DIR holds a model trained with the same config and text). --set overrides any
 TinyLMConfig field (e.g. --set hidden=128 --set autocast=fp32). Prints the figures from DIR/train.json.
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from planner import io, tinylm
+from planner import io
+import tinylm
 
 
 def _parse_set(items: list[str]) -> dict:

@@ -9,20 +9,20 @@ import numpy as np
 import torch
 
 from . import data, hardware, io
-from .apply import apply_
+from .stages.apply import apply_
 from .config import PlanConfig, ProfileConfig, VerifyConfig
-from .database import Database, DatabaseConfig
-from .database import build as build_db
+from .stages.database import Database, DatabaseConfig
+from .stages.database import build as build_db
 from .errors import PlannerError
 from .adapters import adapter_for
-from .models import (check_pair, fingerprint, is_planner_model, load_model, load_tokenizer, n_params, origin,
+from .adapters.checkpoint import (check_pair, fingerprint, is_planner_model, load_model, load_tokenizer, n_params, origin,
                      save_portable)
-from .planning import solve_plans
-from .profiler import check_profile, default_profile_path
-from .profiler import profile as _profile
-from .profiler import width_grid
+from .stages.plan import solve_plans
+from .stages.profile import check_profile, default_profile_path
+from .stages.profile import profile as _profile
+from .stages.profile import width_grid
 from .types import LatencyProfile, Plan, VerifyReport
-from .verify import conditions, embeddings, lm_quality, measure_speedup, similarity_quality
+from .stages.verify import conditions, embeddings, lm_quality, measure_speedup, similarity_quality
 
 
 def profile(model_path, cfg: ProfileConfig = ProfileConfig(), out=None, root="profiles", progress=True):
@@ -67,7 +67,7 @@ def list_profiles(root="profiles") -> list[dict]:
 
 def report(run_dir, out_dir=None, progress=True) -> Path:
     """Render a run's profile, plans and verify reports as an HTML page with PNG plots; returns index.html."""
-    from .reporting import write
+    from .reporting.html import write
     if out_dir:
         io.check_out_dir(out_dir, replaceable=lambda d: (d / "index.html").exists())
     return write(run_dir, out_dir, progress=progress)
@@ -77,7 +77,7 @@ def calibration_batches(model_path, calib_path, n, max_len, batch_size):
     """(batches, hash): n passages of the calibration text as padded batches (encoders) or, for causal LMs,
     cut into token windows of max_len (no padding), and a hash identifying them."""
     from .adapters import get_adapter
-    from .models import _config_dict
+    from .adapters.checkpoint import _config_dict
     texts = data.sample(data.read_lines(calib_path, data.CALIBRATION, "calibration file"), n)
     tok = load_tokenizer(model_path)
     cfg_dict = _config_dict(Path(model_path))
@@ -143,8 +143,8 @@ def _searched(plain: Plan, model_path, db, prof, cfg: PlanConfig, info, profile_
     cfg.search candidates (the plain DP's plan is the first, so the result is never worse on that loss)."""
     import dataclasses
 
-    from .planning import plan_key
-    from .search import search
+    from .stages.plan import plan_key
+    from .algorithms.search import search
     from .types import KINDS
     groups = [(l, k) for l in range(db.n_layers) for k in KINDS]
     loss_of = _stitched_loss(model_path, db, cfg)
@@ -174,8 +174,8 @@ def _searched(plain: Plan, model_path, db, prof, cfg: PlanConfig, info, profile_
 def _stitched_loss(model_path, db: Database, cfg: PlanConfig):
     """plan -> relative error of the last hidden states of the stitched model (OBS weights from the database)
     against the dense model, on the held-back calibration passages: Σ‖h − h_dense‖² / Σ‖h_dense − mean‖²."""
-    from .apply import apply_
-    from .database import _split
+    from .stages.apply import apply_
+    from .stages.database import _split
     dense, adapter = load_model(model_path, device=cfg.device)
     batches, _ = calibration_batches(model_path, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
     val = _split(batches, cfg.val_fraction)[1]
@@ -312,7 +312,7 @@ def _training_text(tokenizer, cfg, vocab_size: int, truncate: bool = True):
 
     import numpy as np
 
-    from .distill import Special
+    from .stages.distill import Special
     if cfg.data_path and Path(cfg.data_path).resolve() == data.shipped(data.HELDOUT).resolve():
         raise PlannerError("the training text is the shipped held-out text that verify scores on: "
                            "train on other text (default: the calibration corpus)")
@@ -350,7 +350,7 @@ def _lm_training_windows(ids, tr, va, tok, pool, cfg):
     --max-len tokens."""
     import numpy as np
 
-    from .distill import WindowData
+    from .stages.distill import WindowData
     sep = data.separator(tok)
 
     def stream(idx):
@@ -379,7 +379,7 @@ def recover(compressed_path, teacher_path, cfg=None, out=None, progress=True, ca
     import time
 
     from .config import RecoverConfig
-    from .distill import DistillData, distill_, pad, split_passages
+    from .stages.distill import DistillData, distill_, pad, split_passages
     from .types import RecoverReport
     cfg = cfg or RecoverConfig()
     t_start = time.perf_counter()
@@ -478,5 +478,5 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig, recover_cf
              progress=True):
     """Gradual compression: one member per target, each planned, applied and recovered from the previous one
     (see planner/gradual.py). Returns the family table."""
-    from .gradual import compress as _compress
+    from .jobs.compress import compress as _compress
     return _compress(model_path, profile_path, out_dir, plan_cfg, recover_cfg, verify_cfg, progress)

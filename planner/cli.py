@@ -258,7 +258,7 @@ def plan(model, profile_path, targets, out, device, as_json, quiet, **kw):
     Example: planner plan ./my-bert --profile profiles/.../prefill-b8-s128-float32.json -x 1.5 -x 2 -x 3 --out run/
     """
     from . import api
-    from .planning import format_plan_table
+    from .stages.plan import format_plan_table
     plans = api.plan(model, profile_path, _plan_cfg(targets, kw, device), out, progress=not quiet)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in plans], indent=2, sort_keys=True))
@@ -292,7 +292,7 @@ def apply(model, plan_path, out, calib, weights, quiet, recover_, **kw):
         click.echo(f"load with AutoModel.from_pretrained('{out}', trust_remote_code=True) or planner.load('{out}')")
         return
     path, m = api.apply(model, plan_path, out, calib_path=calib, weights=weights, progress=not quiet)
-    from .models import n_params
+    from .adapters.checkpoint import n_params
     click.echo(f"{path}: {n_params(m)/1e6:.1f}M parameters; load with "
                f"AutoModel.from_pretrained('{path}', trust_remote_code=True) or planner.load('{path}')")
 
@@ -361,7 +361,7 @@ def run(model, targets, out, no_baseline, quiet, **kw):
 
     Example: planner run --speedup 1.5 --speedup 2 --speedup 3 --batch-size 8 --seq-len 128
     """
-    from .pipeline import RunConfig, default_model, run as run_job
+    from .jobs.run import RunConfig, default_model, run as run_job
     model = model or default_model()
     pcfg = _profile_cfg(kw)
     cfg = RunConfig(targets=tuple(targets), profile=pcfg, plan=_plan_cfg(targets, kw, kw["device"]),
@@ -443,7 +443,7 @@ def compress(model, profile_path, targets, out, no_recover, reps, quiet, **kw):
     Example: planner compress ./my-bert --profile P.json -x 1.5 -x 2 -x 3 --recover-minutes 10 --out family/
     """
     from . import api
-    from .gradual import format_family
+    from .jobs.compress import format_family
     from .types import LatencyProfile
     prof = LatencyProfile.load(profile_path)
     rcfg = None if no_recover else _recover_cfg(kw, "recover-")

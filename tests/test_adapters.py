@@ -7,7 +7,7 @@ import transformers
 
 from planner.adapters import get_adapter, supported_model_types
 from planner.errors import UnsupportedModel
-from planner.models import load_model
+from planner.adapters.checkpoint import load_model
 
 from .conftest import inputs, make_tiny, mask_removed_
 
@@ -64,7 +64,7 @@ def test_unknown_model_type_lists_supported():
 
 
 def test_classification_head_model_roundtrip(tmp_path):
-    from planner.models import save_portable
+    from planner.adapters.checkpoint import save_portable
     src = make_tiny(tmp_path / "cls", arch="BertForSequenceClassification")
     m, ad = load_model(src)
     assert isinstance(m, transformers.BertForSequenceClassification)

@@ -65,8 +65,8 @@ def test_decode_is_refused_for_an_encoder(tiny_bert, tmp_path):
 
 
 def test_decode_step_sees_a_constant_cache_length(tiny_llama):
-    from planner.regimes import latency_call
-    model, ad = planner.models.load_model(tiny_llama)
+    from planner.stages.regimes import latency_call
+    model, ad = planner.adapters.checkpoint.load_model(tiny_llama)
     step = latency_call(model, ad, "decode", 2, 10)
     with torch.inference_mode():
         for _ in range(3):
@@ -76,18 +76,18 @@ def test_decode_step_sees_a_constant_cache_length(tiny_llama):
 
 def _lm_student(teacher, out):
     """A compressed copy of the tiny Llama: one KV group and half the FFN of block 0, block 1's attention gone."""
-    m, a = planner.models.load_model(teacher)
+    m, a = planner.adapters.checkpoint.load_model(teacher)
     blocks = a.layers(m)
     a.shrink_(blocks[0], "attn", torch.tensor([0, 2, 3]), None, m.config)
     a.shrink_(blocks[0], "ffn", torch.arange(0, m.config.intermediate_size, 2), None, m.config)
     a.shrink_(blocks[1], "attn", torch.tensor([], dtype=torch.long), None, m.config)
-    return planner.models.save_portable(m, a, teacher, out)
+    return planner.adapters.checkpoint.save_portable(m, a, teacher, out)
 
 
 def test_window_data_is_a_function_of_the_index():
     import numpy as np
 
-    from planner.distill import WindowData
+    from planner.stages.distill import WindowData
     stream = np.arange(1000) % 97
     d = WindowData(stream, 16, 4, 0.0, np.arange(50, 60), seed=3)
     b = d.batch(5)
@@ -111,8 +111,8 @@ def test_recovery_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout_file)
     per-block MSE fall, held-out perplexity gets closer to the teacher's, the architecture and the generate()
     path are untouched, and the saved directory loads with plain transformers."""
     from planner.config import RecoverConfig
-    from planner.distill import logit_kl
-    from planner.verify import lm_quality
+    from planner.stages.distill import logit_kl
+    from planner.stages.verify import lm_quality
     student = _lm_student(tiny_llama, tmp_path / "s")
     cfg = RecoverConfig(data_path=str(calib_file), steps=24, batch_size=8, max_len=32, eval_every=8, ckpt_every=8,
                         lr=3e-3, minutes=None, substitute=0.0)
@@ -121,7 +121,7 @@ def test_recovery_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout_file)
     assert [r["step"] for r in h] == [0, 8, 16, 24]
     assert {"val_hidden", "val_logit", "val_ppl"} <= set(h[0])
     assert h[-1]["val_logit"] < 0.7 * h[0]["val_logit"] and h[-1]["val_hidden"] < h[0]["val_hidden"]
-    assert rep.spec == [s.to_dict() for s in planner.models.load_model(student)[1].spec(planner.load(student))]
+    assert rep.spec == [s.to_dict() for s in planner.adapters.checkpoint.load_model(student)[1].spec(planner.load(student))]
     # on held-out text (random weights: perplexity itself means little, closeness to the teacher does)
     tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama))
     texts = planner.data.read_lines(heldout_file, "heldout.txt")[:48]

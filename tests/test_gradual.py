@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import planner
 from planner.cli import main
 from planner.config import PlanConfig
-from planner.models import load_model
+from planner.adapters.checkpoint import load_model
 from planner.types import LatencyProfile, Plan, RecoverReport, VerifyReport
 
 FAST = ["--rounds", "1", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]
@@ -63,7 +63,7 @@ def test_compress_builds_a_family(tiny_bert, profiled, calib_file, heldout_file,
     assert (out / "family.md").read_text().count("|") > 10
     # rerunning does nothing again: every step's output is there
     monkeypatch.setattr(planner.api, "build_database", lambda *a, **k: pytest.fail("database rebuilt"))
-    monkeypatch.setattr(planner.distill, "distill_", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(planner.stages.distill, "distill_", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr(planner.api, "verify", lambda *a, **k: pytest.fail("verified again"))
     _ok(args)
 

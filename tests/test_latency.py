@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from planner import latency
+from planner.algorithms import latency
 
 
 def test_affine_fit_recovers_exact_map():

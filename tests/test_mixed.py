@@ -12,9 +12,9 @@ import transformers
 
 import planner
 from planner.config import PlanConfig, ProfileConfig
-from planner.database import Database
-from planner.planning import options
-from planner.solver import solve
+from planner.stages.database import Database
+from planner.stages.plan import options
+from planner.algorithms.solver import solve
 
 from .test_solver import brute_force
 
@@ -74,7 +74,7 @@ def test_sparse_choice_is_applied_saved_and_predicted(mixed_run, tiny_bert):
     assert any(chosen), "with FFN sparsity this cheap the DP should pick it somewhere"
     assert not any(l.get("attn_sparsity") for l in plan.layers)   # slower than dense: never chosen
     out, model = planner.apply(tiny_bert, plan, tmp / "m", progress=False)
-    adapter = planner.models.load_model(out)[1]
+    adapter = planner.adapters.checkpoint.load_model(out)[1]
     assert [s.to_dict() for s in adapter.spec(model)] == plan.kept
     assert prof.predict(plan.kept) == pytest.approx(plan.predicted_time, rel=1e-9)
     m2 = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
@@ -136,7 +136,7 @@ def test_sparse_only_keeps_the_architecture(mixed_run, tiny_bert, calib_file):
 
 
 def test_sparse_times_never_grow_with_sparsity():
-    from planner.profiler import sparse_model
+    from planner.stages.profile import sparse_model
     # CSR: 0.9 timed faster than 0.95 (noise) -> pooled to their mean; 2:4 is its own kernel, left alone
     got = sparse_model([0.5, 0.9, 0.95, 0.5], ["csr", "csr", "csr", "2:4"], [3.0, 1.0, 1.4, 5.0])
     assert got == pytest.approx([3.0, 1.2, 1.2, 5.0])

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from planner.obs import (
+from planner.algorithms.obs import (
     GroupOBSResult,
     HessianAccumulator,
     dampen,

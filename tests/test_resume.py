@@ -2,7 +2,7 @@
 import pytest
 
 import planner
-from planner import database
+from planner.stages import database
 from planner.config import PlanConfig, ProfileConfig
 from planner.io import read_json
 

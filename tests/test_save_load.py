@@ -2,7 +2,7 @@
 import torch
 
 import planner
-from planner.models import load_model, save_portable
+from planner.adapters.checkpoint import load_model, save_portable
 
 from .conftest import inputs, make_tiny
 from .portable import load_without_planner

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 import planner
 from planner.cli import main
 from planner.config import PlanConfig, ProfileConfig
-from planner.search import search
-from planner.solver import solve
+from planner.algorithms.search import search
+from planner.algorithms.solver import solve
 
 
 def _toy(seed=0, G=6, n_opt=5):

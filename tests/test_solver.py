@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner.solver import InfeasibleBudget, Solution, min_time, pareto_filter, solve
+from planner.algorithms.solver import InfeasibleBudget, Solution, min_time, pareto_filter, solve
 
 
 def brute_force(times, errors, budget):
@@ -180,7 +180,7 @@ def test_infeasible_budget_is_value_error():
 
 def test_solver_does_not_import_torch():
     # load solver.py on its own (the package __init__ brings the torch-based API; the solver itself must not)
-    path = str(Path(__file__).resolve().parents[1] / "planner" / "solver.py")
+    path = str(Path(__file__).resolve().parents[1] / "planner" / "algorithms" / "solver.py")
     code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('solver', %r); "
             "m = importlib.util.module_from_spec(s); sys.modules['solver'] = m; s.loader.exec_module(m); "
             "assert 'torch' not in sys.modules; m.solve([[1.0]], [[0.0]], [2.0])" % path)

@@ -7,10 +7,10 @@ import torch
 from click.testing import CliRunner
 
 import planner
-from planner import profiler
+from planner.stages import profile as profiler
 from planner.cli import main
 from planner.config import ProfileConfig
-from planner.sparse import CsrLinear, csr_like, density, random_mask, sparse_like
+from planner.algorithms.sparse import CsrLinear, csr_like, density, random_mask, sparse_like
 from planner.types import LatencyProfile
 
 from .test_types import _profile
@@ -39,7 +39,7 @@ def test_csr_linear_equals_masked_dense():
 
 
 def test_sparse_variant_swaps_only_that_modules_linears(tiny_bert):
-    model, adapter = planner.models.load_model(tiny_bert)
+    model, adapter = planner.adapters.checkpoint.load_model(tiny_bert)
     spec = [{"heads": 4, "ffn": 128, "sparse": {"ffn": 0.75}, "kernel": "csr"}] * 2
     v = profiler._variant(model, adapter, spec)
     for layer in adapter.layers(v):
@@ -107,7 +107,7 @@ def test_two_four_linear_on_gpu():
 
 
 def test_latency_plot_shows_sparse_levels():
-    from planner import plots
+    from planner.reporting import plots
     p = _profile(sparse={"ffn": {"levels": [0.5, 0.9], "kernels": ["csr"] * 2, "median": [3.0, 1.5],
                                  "spread": [0.1] * 2}})
     fig = plots.latency_curves(p)
@@ -119,7 +119,7 @@ def test_latency_plot_shows_sparse_levels():
 def test_sparse_layers_save_and_load_without_planner(tiny_bert, tmp_path):
     import transformers
 
-    from planner.models import load_model, save_portable
+    from planner.adapters.checkpoint import load_model, save_portable
     model, adapter = load_model(tiny_bert)
     layer = adapter.layers(model)[1]
     g = torch.Generator().manual_seed(1)

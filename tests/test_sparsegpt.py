@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from planner.obs import dampen, layer_error
-from planner.sparsegpt import levels, magnitude_prune, sparsegpt, sparsity_of
+from planner.algorithms.obs import dampen, layer_error
+from planner.algorithms.sparsegpt import levels, magnitude_prune, sparsegpt, sparsity_of
 
 
 def _problem(d_out=24, d_in=64, n=2048, seed=0):

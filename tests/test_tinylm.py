@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from planner import tinylm
+from benchmarks import tinylm
 from planner.data import CALIBRATION, HELDOUT, read_lines
 
 # hidden 32, 2 layers, 4 query / 2 KV heads (GQA), byte-level BPE with 300 tokens, ~0.5 MB of text, 30 steps

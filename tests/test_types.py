@@ -5,7 +5,7 @@ import pytest
 
 from planner import io
 from planner.errors import PlannerError
-from planner.planning import uniform_plan
+from planner.stages.plan import uniform_plan
 from planner.types import LatencyProfile, Plan
 
 
@@ -99,7 +99,7 @@ def _mixed_truth(p, archs, offset, scale):
 
 
 def test_profile_fit_folds_in_a_correction_that_helps():
-    from planner.profiler import _fit
+    from planner.stages.profile import _fit
     p = _profile(constant=2.0)
     archs = [[{"heads": h, "ffn": f}] * 2 for h, f in [(1, 0), (2, 64), (3, 64), (0, 128), (4, 0)]]
     measured = _mixed_truth(p, archs, 1.0, 0.9)          # passes through the dense point (10 s, 10 s)
@@ -112,7 +112,7 @@ def test_profile_fit_folds_in_a_correction_that_helps():
 
 
 def test_profile_fit_rejected_when_it_does_not_help():
-    from planner.profiler import _fit
+    from planner.stages.profile import _fit
     p = _profile(constant=2.0)
     archs = [[{"heads": h, "ffn": f}] * 2 for h, f in [(1, 0), (2, 64), (3, 64), (0, 128)]]
     measured = [p.predict(a) * (1 + e) for a, e in zip(archs, [0.03, -0.03, 0.03, -0.03])]   # pure noise
@@ -125,7 +125,7 @@ def test_profile_fit_rejected_when_it_does_not_help():
 def test_profile_fit_never_applies_a_negative_scale():
     # timings drowned by another process can "fit" a decreasing line; folding it in would make keeping more
     # neurons look faster (a non-monotone solver curve), so such a correction is rejected outright
-    from planner.profiler import _fit
+    from planner.stages.profile import _fit
     p = _profile(constant=2.0)
     archs = [[{"heads": h, "ffn": f}] * 2 for h, f in [(1, 0), (2, 64), (3, 64), (0, 128), (4, 0)]]
     measured = _mixed_truth(p, archs, 20.0, -1.0)        # passes through the dense point: 20 - 10 = 10

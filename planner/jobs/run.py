@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import api, io
-from .config import PlanConfig, ProfileConfig, VerifyConfig
-from .errors import PlannerError
-from .planning import format_plan_table, uniform_plan
-from .types import LatencyProfile, VerifyReport
+from .. import api, io
+from ..config import PlanConfig, ProfileConfig, VerifyConfig
+from ..errors import PlannerError
+from ..stages.plan import format_plan_table, uniform_plan
+from ..types import LatencyProfile, VerifyReport
 
 
 def default_model() -> Path:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import io
-from .adapters import get_adapter
-from .adapters.remote import modeling_planner_bert  # noqa: F401  (import check: the remote code must import)
-from .errors import PlannerError
+from .. import io
+from . import get_adapter
+from .remote import modeling_planner_bert  # noqa: F401  (import check: the remote code must import)
+from ..errors import PlannerError
 
 # shared files every remote model file imports relatively: the common layers, and what differs between
 # transformers releases
@@ -106,7 +106,7 @@ def save_portable(model, adapter, src_dir, out_dir, extra_config: dict | None = 
         model.config.architectures = portable["architectures"]
         (tmp / "config.json").write_text(io.dumps(cfg))
         for name in (adapter.remote_file, *COMMON_REMOTE):         # the model file imports the common ones
-            shutil.copy(Path(__file__).parent / "adapters" / "remote" / name, tmp / name)
+            shutil.copy(Path(__file__).parent / "remote" / name, tmp / name)
         for p in src_dir.iterdir():
             if p.name in ("config.json", "README.md", ".gitattributes") or p.suffix in WEIGHT_SUFFIXES:
                 continue

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from . import hardware
-from .data import batches as make_batches
-from .data import token_windows
+from .. import hardware
+from ..data import batches as make_batches
+from ..data import token_windows
 from .regimes import generation_loop, latency_call
-from .progress import bar as progress_bar
-from .timing import median, spread, time_calls
+from ..progress import bar as progress_bar
+from ..timing import median, spread, time_calls
 
 
 def measure_speedup(dense, comp, adapter, batch_size: int, seq_len: int, reps: int = 15, warmup: int = 3,

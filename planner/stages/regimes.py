@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from .adapters.remote.planner_compat import cache_kwargs, output_cache
-from .data import latency_inputs
-from .errors import PlannerError
+from ..adapters.remote.planner_compat import cache_kwargs, output_cache
+from ..data import latency_inputs
+from ..errors import PlannerError
 
 MODES = ("prefill", "decode")
 

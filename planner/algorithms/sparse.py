@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 # the portable CSR layer lives in the file copied next to saved weights (no planner import there)
-from .adapters.remote.planner_common import PlannerCsrLinear as CsrLinear
-from .adapters.remote.planner_common import csr_like
+from ..adapters.remote.planner_common import PlannerCsrLinear as CsrLinear
+from ..adapters.remote.planner_common import csr_like
 
 KERNELS = ("csr", "2:4")
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, plots
-from .errors import PlannerError
-from .planning import layer_cell
-from .progress import bar as progress_bar
-from .types import LatencyProfile, Plan, VerifyReport
+from .. import io
+from . import plots
+from ..errors import PlannerError
+from ..stages.plan import layer_cell
+from ..progress import bar as progress_bar
+from ..types import LatencyProfile, Plan, VerifyReport
 
 KNOWN = {"LatencyProfile": LatencyProfile, "Plan": Plan, "VerifyReport": VerifyReport}
 _NAME = re.compile(r"(?P<method>.+?)-(?P<target>\d+(?:\.\d+)?)x$")   # verify/<method>-<target>x.json

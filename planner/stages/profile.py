@@ -25,15 +25,17 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import hardware, latency, regimes, sparse
-from .adapters import get_adapter
-from .config import ProfileConfig
-from .data import latency_inputs
-from .errors import PlannerError
-from .models import _config_dict
-from .progress import bar as progress_bar
-from .timing import median, spread, time_calls
-from .types import KINDS, LatencyProfile
+from .. import hardware
+from ..algorithms import latency, sparse
+from . import regimes
+from ..adapters import get_adapter
+from ..config import ProfileConfig
+from ..data import latency_inputs
+from ..errors import PlannerError
+from ..adapters.checkpoint import _config_dict
+from ..progress import bar as progress_bar
+from ..timing import median, spread, time_calls
+from ..types import KINDS, LatencyProfile
 
 VARIANT_CACHE_BYTES = 4 << 30          # keep built variants up to this many parameter bytes, else rebuild per use
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import api, io
-from .config import PlanConfig, RecoverConfig, VerifyConfig
-from .database import Database
-from .errors import PlannerError, UnreachableTarget
-from .models import fingerprint, load_model
-from .planning import format_plan_table, solve_plans
-from .profiler import check_profile
-from .types import LatencyProfile, Plan, VerifyReport
+from .. import api, io
+from ..config import PlanConfig, RecoverConfig, VerifyConfig
+from ..stages.database import Database
+from ..errors import PlannerError, UnreachableTarget
+from ..adapters.checkpoint import fingerprint, load_model
+from ..stages.plan import format_plan_table, solve_plans
+from ..stages.profile import check_profile
+from ..types import LatencyProfile, Plan, VerifyReport
 
 
 def _log(msg: str, progress: bool):

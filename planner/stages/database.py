@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import io, obs
+from .. import io
+from ..algorithms import obs
 from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
-from .errors import PlannerError
-from .progress import bar as progress_bar
-from .sparsegpt import sparsegpt
-from .types import KINDS
+from ..errors import PlannerError
+from ..progress import bar as progress_bar
+from ..algorithms.sparsegpt import sparsegpt
+from ..types import KINDS
 
 SCHEMA_VERSION = 1
 

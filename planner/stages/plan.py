@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import solver
+from ..algorithms import solver
 from .database import Database
-from .errors import UnreachableTarget
-from .types import KINDS, LatencyProfile, Plan
+from ..errors import UnreachableTarget
+from ..types import KINDS, LatencyProfile, Plan
 
 
 def profile_identity(p: LatencyProfile, path=None) -> dict:

@@ -14,13 +14,13 @@ import copy
 
 import torch
 
-from . import obs
-from .adapters.base import unit_indices
+from ..algorithms import obs
+from ..adapters.base import unit_indices
 from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
 from .database import Database, sparse_weights
-from .errors import PlannerError
-from .progress import bar as progress_bar
-from .types import KINDS, Plan
+from ..errors import PlannerError
+from ..progress import bar as progress_bar
+from ..types import KINDS, Plan
 
 
 def _target(plan_layer: dict, kind: str) -> int:

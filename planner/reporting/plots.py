@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 from matplotlib.figure import Figure
 
-from .types import LatencyProfile, Plan, VerifyReport
+from ..types import LatencyProfile, Plan, VerifyReport
 
 # one colour per method, stable across figures (planner first, baselines after)
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]

@@ -39,10 +39,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from . import hardware, io
-from .config import RecoverConfig
-from .errors import PlannerError
-from .progress import bar as progress_bar
+from .. import hardware, io
+from ..config import RecoverConfig
+from ..errors import PlannerError
+from ..progress import bar as progress_bar
 
 CKPT_FILE = "state.pt"
 CKPT_VERSION = 1

@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import io
-from .errors import PlannerError
-from .progress import bar as progress_bar
+from .. import io
+from ..errors import PlannerError
+from ..progress import bar as progress_bar
 
 STATE_KIND, STATE_VERSION = "SpdySearch", 1
 

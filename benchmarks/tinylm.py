@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import io
-from .data import CALIBRATION, HELDOUT, read_lines, shipped
-from .errors import PlannerError
+from planner import io
+from planner.data import CALIBRATION, HELDOUT, read_lines, shipped
+from planner.errors import PlannerError
 
 SCHEMA_VERSION = 1
 KIND = "tinylm-train"
@@ -901,8 +901,8 @@ def train(out_dir, cfg: TinyLMConfig = TinyLMConfig(), progress: bool = True) ->
     import tokenizers
     import torch
 
-    from . import hardware
-    from .progress import bar
+    from planner import hardware
+    from planner.progress import bar
 
     out_dir = Path(out_dir)
     t_all = time.perf_counter()
