@@ -1,12 +1,27 @@
-"""Every default of the planner lives here, checked in __post_init__; the CLI only fills these in."""
+"""Every default of the planner lives here, checked in __post_init__.
+
+Each field carries its help text (and, where the flag is not just the field's name, its flag) in the field's
+metadata; the CLI generates its options from these fields (cli.py), so every setting has a flag, the CLI and the
+Python API cannot disagree on a default, and an error message can name the flag a user types.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from .errors import PlannerError
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
+MODES = ("prefill", "decode")
+
+
+def opt(default, help: str, **meta):
+    """A config field with its CLI help. meta: flag (the option name when it is not the field's), short ("-b"),
+    choices, type (for fields whose default is None), multiple (repeatable), invert (a boolean set by a flag
+    that means its opposite, e.g. --sparse-only for structured=False)."""
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, **meta}, **kw)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -14,70 +29,88 @@ def _check(cond: bool, msg: str) -> None:
         raise PlannerError(msg)
 
 
+class _Config:
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class ProfileConfig:
-    batch_size: int = 8
-    seq_len: int = 128              # prompt length (prefill) or KV-cache length (decode)
-    mode: str = "prefill"           # "prefill" or "decode" (causal LMs: one new token per sequence); regimes.py
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int | None = None      # CPU threads; None = all cores this process may use
-    ffn_step: int = 32              # FFN width grid: multiples of this (kernel-friendly), plus 0 and the dense width
-    method: str = "model"           # "model": time modules inside the running model; "module": alone
-    warmup: int = 1
-    reps: int = 2                   # dense/variant ABBA pairs per variant and round (module method: calls)
-    rounds: int = 4                 # interleaved rounds over all options (drift hits every option alike)
-    smooth: int = 4                 # de-noise module curves over ±this many grid points (FFN; ≤2 for heads); 0: off
-    n_mixed: int = 8                # random mixed architectures timed to fit and check the additive model
-    sparsity: tuple[float, ...] = ()  # sparse-kernel levels to time per module (CSR; CUDA adds 2:4); () = none
-    sparse_reps: int = 6            # ABBA pairs per sparse variant and round: sparse kernels time noisier
-                                    # (2 pairs x 2 rounds put a 95% CSR FFN 25% off what it measured later)
+class ProfileConfig(_Config):
+    batch_size: int = opt(8, "sequences per timed call", short="-b")
+    seq_len: int = opt(128, "prompt length (prefill) or KV-cache length (decode)", short="-s")
+    mode: str = opt("prefill", "latency regime; decode = one new token per sequence against a KV cache (causal "
+                    "LMs)", choices=MODES)
+    device: str = opt("cpu", "where the model is timed", choices=DEVICES)
+    dtype: str = opt("float32", "weights and activations", choices=DTYPES)
+    threads: int | None = opt(None, "CPU threads (default: all this process may use)", type=int)
+    ffn_step: int = opt(32, "FFN widths timed: multiples of this (kernel-friendly), plus 0 and the dense width")
+    method: str = opt("model", "time each option inside the running model, or the module alone (encoders)",
+                      choices=("model", "module"))
+    warmup: int = opt(1, "untimed calls before timing each model")
+    reps: int = opt(2, "dense/variant ABBA pairs per variant and round (--method module: calls)")
+    rounds: int = opt(4, "interleaved rounds over all options (drift hits every option alike)")
+    smooth: int = opt(4, "de-noise module time curves over +-N grid points (FFN; <= 2 for heads); 0: as measured")
+    n_mixed: int = opt(8, "random mixed architectures timed to fit and check the latency model (0: none)")
+    sparsity: tuple[float, ...] = opt(tuple, "also time every module on the sparse kernel at these sparsities, "
+                                      "e.g. 0.5,0.9,0.95 or repeated (CPU: CSR; CUDA adds 2:4)", type=float,
+                                      multiple=True, metavar="LEVELS")
+    # 2 pairs x 2 rounds once put a 95% CSR FFN 25% off what it measured later: sparse kernels time noisier
+    sparse_reps: int = opt(6, "dense/sparse ABBA pairs per sparse level and round")
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.seq_len >= 1, "--seq-len must be >= 1")
-        _check(self.mode in ("prefill", "decode"), "--mode must be 'prefill' or 'decode'")
+        _check(self.mode in MODES, "--mode must be 'prefill' or 'decode'")
         _check(self.method == "model" or self.mode == "prefill", "--mode decode is timed with --method model")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
         _check(self.ffn_step >= 1, "--ffn-step must be >= 1")
         _check(self.method in ("model", "module"), "--method must be 'model' or 'module'")
-        _check(self.reps >= 1 and self.sparse_reps >= 1 and self.warmup >= 0 and self.rounds >= 1,
-               "reps/rounds must be >= 1")
+        _check(self.reps >= 1 and self.sparse_reps >= 1 and self.rounds >= 1,
+               "--reps, --sparse-reps and --rounds must be >= 1")
+        _check(self.warmup >= 0, "--warmup must be >= 0")
         _check(self.n_mixed >= 0, "--n-mixed must be >= 0")
         _check(self.smooth >= 0, "--smooth must be >= 0")
         _check(all(0.0 < x < 1.0 for x in self.sparsity), "--sparsity levels must be in (0, 1), e.g. 0.5,0.9")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        _check(not self.sparsity or self.method == "model", "--sparsity is timed inside the running model: use it "
+                                                            "with --method model")
 
 
 @dataclass(frozen=True)
-class PlanConfig:
-    targets: tuple[float, ...] = (2.0,)
-    calib_path: str | None = None   # one passage per line; None = the corpus shipped with the package
-    n_calib: int = 1024             # passages used (the first n after a fixed shuffle)
-    calib_max_len: int = 128        # tokens per passage
-    calib_batch: int = 32
-    val_fraction: float = 0.25      # share of calibration passages held back to score the errors
-    damp: float = 0.01              # OBS dampening, relative to mean(diag H)
-    error_norm: str = "residual"    # "residual": relative to the residual stream the module writes into;
-                                    # "module": ZipLM's ‖ΔWx‖²/‖Wx‖²
-    sequential: bool = True         # at apply: re-fit kept weights on inputs from the already-compressed layers
-    sparse: bool = True             # also offer the DP the sparse levels the profile timed (SparseGPT weights)
-    structured: bool = True         # offer kept widths; False (--sparse-only): full width or a sparse level
-    search: int = 0                 # SPDY search: candidates per target scored by stitched calibration loss (0: off)
-    search_minutes: float | None = None   # stop generating candidates after this long (per target)
-    n_buckets: int = 10_000
-    device: str = "cpu"
-    offload: bool = False           # keep the model in CPU memory, move one block at a time to `device`
-    allow_other_machine: bool = False
+class PlanConfig(_Config):
+    targets: tuple[float, ...] = opt(lambda: (2.0,), "speedup target over the dense model; repeat for several",
+                                     flag="speedup", short="-x", multiple=True, type=float)
+    calib_path: str | None = opt(None, "calibration text, one passage per line (default: the shipped corpus)",
+                                 flag="calib", type=str, path=True)
+    n_calib: int = opt(1024, "calibration passages used (the first n after a fixed shuffle)")
+    calib_max_len: int = opt(128, "tokens per calibration passage (causal LMs: per window)")
+    calib_batch: int = opt(32, "calibration passages per forward")
+    val_fraction: float = opt(0.25, "share of calibration passages held back to score the errors")
+    damp: float = opt(0.01, "OBS dampening, relative to mean(diag H)")
+    error_norm: str = opt("residual", "normalise each module's error by the residual stream it writes into, or "
+                          "by its own output (ZipLM)", choices=("residual", "module"))
+    sequential: bool = opt(True, "at apply: refit kept weights on inputs from the already-compressed layers")
+    sparse: bool = opt(True, "also offer the sparse levels the profile timed (profile --sparsity), per module")
+    structured: bool = opt(True, "offer only the full width or a sparse level per module (the architecture is "
+                           "kept)", flag="sparse-only", invert=True)
+    search: int = opt(0, "SPDY search: candidate plans per target scored by the stitched model's calibration "
+                      "loss (0: the plain DP); resumable")
+    search_minutes: float | None = opt(None, "time budget of the search per target", type=float)
+    n_buckets: int = opt(10_000, "time buckets of the DP (its resolution)", flag="buckets")
+    device: str = opt("cpu", "where the OBS database and the search run", choices=DEVICES)
+    offload: bool = opt(False, "keep the model in CPU memory and move one block at a time to --device (large "
+                        "models)")
+    allow_other_machine: bool = opt(False, "accept a profile measured on another machine")
 
     def __post_init__(self):
         _check(len(self.targets) >= 1, "give at least one --speedup target")
         _check(all(t > 1.0 for t in self.targets), "every --speedup target must be > 1 (e.g. 2 for 2x faster)")
         _check(self.n_calib >= 8, "--n-calib must be >= 8")
+        _check(self.calib_max_len >= 2 and self.calib_batch >= 1, "--calib-max-len >= 2 and --calib-batch >= 1")
         _check(0.0 <= self.val_fraction < 0.9, "--val-fraction must be in [0, 0.9)")
         _check(self.damp > 0, "--damp must be > 0")
         _check(self.error_norm in ("residual", "module"), "--error-norm must be 'residual' or 'module'")
@@ -87,71 +120,100 @@ class PlanConfig:
         _check(self.structured or self.sparse, "--sparse-only needs the sparse levels: drop --no-sparse")
         _check(self.search_minutes is None or self.search_minutes > 0, "--search-minutes must be > 0")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def database(self) -> "DatabaseConfig":
+        return DatabaseConfig(self.damp, self.val_fraction, self.device, self.offload)
+
+    def calibration_record(self) -> dict:
+        """The settings a plan records about its calibration, so that `apply` refits on the same text."""
+        return {"calib_path": self.calib_path, "n_calib": self.n_calib, "calib_max_len": self.calib_max_len,
+                "calib_batch": self.calib_batch, "damp": self.damp, "val_fraction": self.val_fraction,
+                "weights": "sequential" if self.sequential else "obs", "sparse": self.sparse,
+                **({} if self.structured else {"structured": False})}
 
 
 @dataclass(frozen=True)
-class VerifyConfig:
-    batch_size: int = 8
-    seq_len: int = 128
-    threads: int | None = None
+class DatabaseConfig(_Config):
+    """What the OBS database build takes from the PlanConfig (`PlanConfig.database`)."""
+    damp: float = PlanConfig.__dataclass_fields__["damp"].default
+    val_fraction: float = PlanConfig.__dataclass_fields__["val_fraction"].default
     device: str = "cpu"
-    reps: int = 15                  # interleaved dense/compressed pairs
-    warmup: int = 1
-    text_path: str | None = None    # held-out text; None = the held-out corpus shipped with the package
-    n_text: int = 512
-    mode: str | None = None         # "prefill" / "decode"; None = the regime of the profile or of the plan
-    decode_steps: int = 16          # decode: greedy steps per timed generation loop
-    ppl_window: int = 128           # causal LMs: tokens per perplexity window
-    extra: dict = field(default_factory=dict)
+    offload: bool = False      # the model stays in CPU memory; each block visits `device` only while processed
+
+    def to_dict(self):
+        return {"damp": self.damp, "val_fraction": self.val_fraction}     # what the database's identity holds
+
+
+@dataclass(frozen=True)
+class VerifyConfig(_Config):
+    batch_size: int = opt(8, "sequences per timed call", short="-b")
+    seq_len: int = opt(128, "prompt length (prefill) or KV-cache length (decode)", short="-s")
+    threads: int | None = opt(None, "CPU threads (default: the profile's, else all available)", type=int)
+    device: str = opt("cpu", "where both models run", choices=DEVICES)
+    reps: int = opt(15, "interleaved dense/compressed timing pairs")
+    warmup: int = opt(1, "untimed calls of each model before timing")
+    text_path: str | None = opt(None, "held-out text, one passage per line (default: the shipped held-out corpus)",
+                                flag="text", type=str, path=True)
+    n_text: int = opt(512, "held-out passages scored")
+    mode: str | None = opt(None, "latency regime (default: the profile's or the plan's)", choices=MODES, type=str)
+    decode_steps: int = opt(16, "decode: greedy steps per timed generation loop")
+    ppl_window: int = opt(128, "causal LMs: tokens per perplexity window")
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.seq_len >= 1, "--batch-size and --seq-len must be >= 1")
-        _check(self.mode in (None, "prefill", "decode"), "--mode must be 'prefill' or 'decode'")
-        _check(self.decode_steps >= 1 and self.ppl_window >= 2, "--decode-steps >= 1 and --ppl-window >= 2")
+        _check(self.mode in (None, *MODES), "--mode must be 'prefill' or 'decode'")
+        _check(self.decode_steps >= 1, "--decode-steps must be >= 1")
+        _check(self.ppl_window >= 2, "--ppl-window must be >= 2")
         _check(self.reps >= 3, "--reps must be >= 3")
+        _check(self.warmup >= 0, "--warmup must be >= 0")
+        _check(self.n_text >= 2, "--n-text must be >= 2")
+        _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
 
 
+DEFAULT_RECOVER_MINUTES = 10.0
+
+
 @dataclass(frozen=True)
-class RecoverConfig:
-    """Distillation of a compressed student from its dense teacher (DESIGN §5); see planner/recover.py."""
-    data_path: str | None = None    # training text, one passage per line (optionally "text<TAB>label");
-                                    # None = the shipped calibration and distillation corpora. Never the
-                                    # held-out text.
-    minutes: float | None = 10.0    # training-time budget (loop + evaluations, not loading); sets the step count
-    steps: int | None = None        # fixed number of optimizer steps instead of a time budget
-    batch_size: int = 16            # passages per micro-batch (small batches: more updates per minute)
-    grad_accum: int = 1             # micro-batches per optimizer step
-    max_len: int = 128              # tokens per (augmented) training sequence
-    lr: float = 1e-3                # AdamW peak learning rate
-    weight_decay: float = 0.01
-    warmup: float = 0.05            # share of the steps with linearly rising lr; then linear decay to 0
-    max_grad_norm: float = 1.0      # 0: no clipping
-    hidden_weight: float = 1.0      # token-level MSE of every block's output (relative to the teacher's energy)
-    logit_weight: float = 1.0       # KL of the head's logits (models with an LM / classification head)
-    embed_weight: float = 1.0       # bare encoders: cosine distance of the pooled sentence embeddings
-    task_weight: float = 0.0        # cross-entropy on labels given in the data ("text<TAB>label")
-    temperature: float = 2.0        # of the logit KL
-    concat: float = 0.5             # share of training sequences made of two passages joined
-    substitute: float = 0.1         # share of tokens replaced by random vocabulary pieces
-    val_fraction: float = 0.1       # passages held back for evaluation and early stopping
-    eval_every: int = 200           # optimizer steps between evaluations
-    patience: int = 0               # evaluations without improvement before stopping early; 0: never
-    ckpt_every: int = 200           # optimizer steps between resumable checkpoints
-    freeze_embeddings: bool = True  # the embedding layer is not pruned: keep the teacher's
-    dropout: bool = False           # train with the model's dropout on
-    seed: int = 0
-    device: str = "cpu"
-    autocast: str = "auto"          # training forward/backward in bfloat16: "bf16", "off", or "auto" = bf16 where
-                                    # it runs natively (GPU; CPUs with AVX512-BF16/AMX); evaluation is float32
-    threads: int | None = None
+class RecoverConfig(_Config):
+    """Distillation of a compressed student from its dense teacher (DESIGN §5); see planner/stages/recover.py."""
+    data_path: str | None = opt(None, "training text, one passage per line, optionally 'text<TAB>label' (default: "
+                                "the shipped calibration and distillation corpora; never the held-out text)",
+                                flag="data", type=str, path=True)
+    minutes: float | None = opt(None, f"training-time budget; sets the step count (default "
+                                f"{DEFAULT_RECOVER_MINUTES:g} unless --steps is given)", type=float)
+    steps: int | None = opt(None, "a fixed number of optimizer steps instead of a time budget", type=int)
+    batch_size: int = opt(16, "passages per micro-batch (small batches: more updates per minute)", short="-b")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_len: int = opt(128, "tokens per (augmented) training sequence")
+    lr: float = opt(1e-3, "AdamW peak learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and norms)")
+    warmup: float = opt(0.05, "share of the steps with linearly rising learning rate; then linear decay to 0")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)")
+    hidden_weight: float = opt(1.0, "token-level MSE of every block's output (relative to the teacher's energy)")
+    logit_weight: float = opt(1.0, "KL of the head's logits (models with an LM or classification head)")
+    embed_weight: float = opt(1.0, "bare encoders: cosine distance of the pooled sentence embeddings")
+    task_weight: float = opt(0.0, "cross-entropy on labels given in the data ('text<TAB>label')")
+    temperature: float = opt(2.0, "temperature of the logit KL")
+    concat: float = opt(0.5, "share of training sequences made of two passages joined (encoders)")
+    substitute: float = opt(0.1, "share of tokens replaced by random vocabulary pieces")
+    val_fraction: float = opt(0.1, "passages held back for evaluation and early stopping")
+    eval_every: int = opt(200, "optimizer steps between evaluations")
+    patience: int = opt(0, "evaluations without improvement before stopping early (0: never)")
+    ckpt_every: int = opt(200, "optimizer steps between resumable checkpoints")
+    freeze_embeddings: bool = opt(True, "keep the teacher's input embeddings (they are not pruned)")
+    dropout: bool = opt(False, "train with the model's dropout on")
+    seed: int = opt(0, "seed of the data order, augmentation and held-back split")
+    device: str = opt("cpu", "where training runs", choices=DEVICES)
+    autocast: str = opt("auto", "training forward/backward in bfloat16: auto = where it runs natively (GPU; CPUs "
+                        "with AVX512-BF16/AMX); evaluation is float32", choices=("auto", "bf16", "off"))
+    threads: int | None = opt(None, "CPU threads (default: all available)", type=int)
 
     def __post_init__(self):
+        if self.minutes is None and self.steps is None:          # the budget's default applies without --steps
+            object.__setattr__(self, "minutes", DEFAULT_RECOVER_MINUTES)
         _check(self.steps is None or self.steps >= 1, "--steps must be >= 1")
         _check(self.minutes is None or self.minutes > 0, "--minutes must be > 0")
-        _check(self.steps is not None or self.minutes is not None, "give --steps or --minutes")
         _check(self.batch_size >= 2, "--batch-size must be >= 2")
         _check(self.grad_accum >= 1, "--grad-accum must be >= 1")
         _check(self.max_len >= 8, "--max-len must be >= 8")
@@ -160,7 +222,8 @@ class RecoverConfig:
         _check(0 <= self.warmup < 1, "--warmup must be in [0, 1)")
         _check(self.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
         w = (self.hidden_weight, self.logit_weight, self.embed_weight, self.task_weight)
-        _check(all(x >= 0 for x in w) and any(x > 0 for x in w), "loss weights must be >= 0, one of them > 0")
+        _check(all(x >= 0 for x in w) and any(x > 0 for x in w),
+               "--hidden-weight, --logit-weight, --embed-weight and --task-weight must be >= 0, one of them > 0")
         _check(self.temperature > 0, "--temperature must be > 0")
         _check(0 <= self.concat <= 1 and 0 <= self.substitute < 1, "--concat in [0, 1], --substitute in [0, 1)")
         _check(0 < self.val_fraction < 0.9, "--val-fraction must be in (0, 0.9)")
@@ -170,5 +233,27 @@ class RecoverConfig:
         _check(self.autocast in ("auto", "bf16", "off"), "--autocast must be auto, bf16 or off")
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class RunConfig(_Config):
+    """The main job (`planner run`): one profile, one plan per target, the uniform baseline, verify."""
+    targets: tuple[float, ...] = (1.5, 2.0, 3.0)
+    profile: ProfileConfig = ProfileConfig()
+    plan: PlanConfig = PlanConfig()
+    verify: VerifyConfig = VerifyConfig()
+    baseline: bool = True
+
+    def __post_init__(self):
+        _check(len(self.targets) >= 1, "give at least one --speedup target")
+
+    @property
+    def plan_config(self) -> PlanConfig:
+        """The plan settings with the job's targets and the profile's device."""
+        return self.plan.replace(targets=tuple(self.targets), device=self.profile.device)
+
+    @property
+    def verify_config(self) -> VerifyConfig:
+        """verify in the regime, shape, threads and device the profile was measured in."""
+        p = self.profile
+        return self.verify.replace(batch_size=p.batch_size, seq_len=p.seq_len, threads=p.threads, mode=p.mode,
+                                   device=p.device)

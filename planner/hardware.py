@@ -1,6 +1,7 @@
 """Where a measurement was taken: the identity a latency profile is valid for."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 import sys
@@ -40,6 +41,17 @@ def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """torch's CPU thread count set to `n` (None: leave it) for the block, and restored after it."""
+    before = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def describe(device: str = "cpu", threads: int | None = None) -> dict:

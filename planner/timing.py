@@ -31,6 +31,20 @@ def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device: str
     return out
 
 
+def abba(fa: Callable[[], object], fb: Callable[[], object], pairs: int, device: str = "cpu",
+         start: int = 0) -> tuple[list[float], list[float]]:
+    """The one interleaved timer: `pairs` timings of each of two callables, in the order A B, B A, A B, ...
+    (pair i starts with A when (start + i) is even). Drift of a shared machine (load from other processes,
+    frequency changes) then hits both alike, so ratios of their medians cancel it where differences keep it.
+    Returns (seconds of A per call, seconds of B per call). Warm both up before the first call."""
+    ta, tb = [], []
+    for i in range(pairs):
+        order = ((fa, ta), (fb, tb)) if (start + i) % 2 == 0 else ((fb, tb), (fa, ta))
+        for fn, acc in order:
+            acc.extend(time_calls(fn, 1, 0, device))
+    return ta, tb
+
+
 def median(xs) -> float:
     return float(np.median(np.asarray(xs, dtype=float)))
 

@@ -161,9 +161,26 @@ class LatencyProfile(_JSON):
                 t += st if lv else self.times(kind).time_at(spec[key])
         return t
 
-    def max_speedup(self) -> float:
-        fastest = self.constant + self.arch.n_layers * (min(self.times("attn").monotone) + min(self.times("ffn").monotone))
-        fastest = max(fastest, self.floor)
+    def min_module_time(self, structured: bool = True) -> float:
+        """Seconds of every block's modules at their fastest option: any timed width (structured) or only the full
+        width and the sparse levels (--sparse-only)."""
+        total = 0.0
+        for kind in ("attn", "ffn"):
+            mt = self.times(kind).monotone
+            opts = list(mt) if structured else [mt[-1]]
+            s = self.sparse.get(kind)
+            if s:
+                opts += list(s.get("model") or s["median"])
+            total += min(opts)
+        return self.arch.n_layers * total
+
+    def max_speedup(self, min_modules: float | None = None) -> float:
+        """The largest speedup a plan can reach on this profile: the dense time over the fastest model, which is
+        the constant plus the least module time (`min_modules`; default every module at its fastest timed
+        option), and never faster than the timed all-removed model (`floor`)."""
+        if min_modules is None:
+            min_modules = self.min_module_time()
+        fastest = max(self.constant + min_modules, self.floor)
         return self.base["median"] / fastest if fastest > 0 else float("inf")
 
     @property

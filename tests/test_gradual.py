@@ -36,7 +36,7 @@ def test_compress_builds_a_family(tiny_bert, profiled, calib_file, heldout_file,
     t1, t2 = _targets(profiled)
     out = tmp_path / "fam"
     args = ["compress", tiny_bert, "--profile", profiled, "-x", t2, "-x", t1, "--calib", calib_file, "--n-calib", 48,
-            "--recover-data", calib_file, "--recover-steps", 3, "--reps", 3, "--out", out, "-q"]
+            "--recover-data", calib_file, "--recover-steps", 3, "--verify-reps", 3, "--out", out, "-q"]
     r = _ok(args)
     assert "spearman" in r.output and f"{t1:g}x" in r.output
     prof = LatencyProfile.load(profiled)
@@ -62,10 +62,13 @@ def test_compress_builds_a_family(tiny_bert, profiled, calib_file, heldout_file,
     assert [r["target"] for r in rows] == [t1, t2]
     assert (out / "family.md").read_text().count("|") > 10
     # rerunning does nothing again: every step's output is there
-    monkeypatch.setattr(planner.api, "build_database", lambda *a, **k: pytest.fail("database rebuilt"))
-    monkeypatch.setattr(planner.stages.distill, "distill_", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(planner.api, "verify", lambda *a, **k: pytest.fail("verified again"))
+    monkeypatch.setattr(planner.stages.plan, "build_for_plan", lambda *a, **k: pytest.fail("database rebuilt"))
+    monkeypatch.setattr(planner.stages.recover, "distill_", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(planner.stages.verify, "verify", lambda *a, **k: pytest.fail("verified again"))
     _ok(args)
+    # the flag it had before --verify-reps still works, with a deprecation warning
+    with pytest.warns(FutureWarning, match="--verify-reps"):
+        _ok([a if a != "--verify-reps" else "--reps" for a in args])
 
 
 def test_compress_without_recovery_and_bad_targets(tiny_bert, profiled, calib_file, tmp_path):

@@ -13,9 +13,19 @@ _REGISTRY: dict[str, Adapter] = {}
 
 
 def register(adapter: Adapter) -> Adapter:
+    """Make `adapter` the one for each of its model types; a type that already has an adapter is refused."""
+    taken = [t for t in adapter.model_types if t in _REGISTRY and _REGISTRY[t] is not adapter]
+    if taken:
+        raise ValueError(f"model_type {', '.join(map(repr, taken))} already has an adapter "
+                         f"({type(_REGISTRY[taken[0]]).__name__}); unregister it first")
     for t in adapter.model_types:
         _REGISTRY[t] = adapter
     return adapter
+
+
+def unregister(model_type: str) -> None:
+    """Forget the adapter of `model_type` (to replace a built-in one with your own)."""
+    _REGISTRY.pop(model_type, None)
 
 
 def supported_model_types() -> list[str]:
@@ -34,6 +44,9 @@ def adapter_for(model) -> Adapter:
     return get_adapter(model.config.model_type)
 
 
-from . import bert  # noqa: E402,F401  (registers itself)
-from . import llama  # noqa: E402,F401
-from . import gpt2, opt  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    bert,  # noqa: E402,F401  (registers itself)
+    gpt2,
+    llama,  # noqa: E402,F401
+    opt,
+)

@@ -8,7 +8,28 @@ from torch import nn
 
 from ..errors import PlannerError
 from ..types import ArchShape
-from .remote.planner_common import csr_like
+from .remote.planner_common import _linear_like, csr_like
+
+
+def rows_of(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    """A new Linear keeping output rows idx (producer side)."""
+    new = _linear_like(lin, out_features=len(idx))
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[idx])                 # (len(idx), d_in)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[idx])
+    return new
+
+
+def cols_of(lin: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None) -> nn.Linear:
+    """A new Linear keeping input columns idx (consumer side), optionally with corrected weights."""
+    new = _linear_like(lin, in_features=len(idx))
+    with torch.no_grad():
+        w = lin.weight[:, idx] if weight is None else weight  # (d_out, len(idx))
+        new.weight.copy_(w.to(new.weight.dtype))
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new
 
 
 def unit_indices(kept: torch.Tensor, width: int) -> torch.Tensor:
@@ -37,9 +58,12 @@ class LayerSpec:
 
 
 class Adapter:
+    """Everything the stages may ask of a model family. A family's adapter fills in every method that raises
+    NotImplementedError here; the rest have defaults that fit most families."""
     family: str = ""
     model_types: tuple[str, ...] = ()
     remote_file: str = ""          # file in adapters/remote copied next to saved weights
+    remote = None                  # that file as a module: the portable classes saved models load into
     causal_lm: bool = False        # decoder LM: prefill / decode latency regimes, perplexity, token windows
 
     def prepare_(self, model: nn.Module) -> nn.Module:
@@ -66,11 +90,16 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
-    def shape(self, model: nn.Module) -> ArchShape:
+    def shape(self, model_or_config) -> ArchShape:
+        """The block geometry latency depends on, from a model or its transformers config (no weights needed)."""
+        raise NotImplementedError
+
+    def layer_spec(self, layer: nn.Module, config) -> LayerSpec:
+        """Kept attention units and FFN neurons of one block (0: removed), and their sparsity levels."""
         raise NotImplementedError
 
     def spec(self, model: nn.Module) -> list[LayerSpec]:
-        raise NotImplementedError
+        return [self.layer_spec(layer, model.config) for layer in self.layers(model)]
 
     def group_size(self, model: nn.Module, kind: str) -> int:
         raise NotImplementedError
@@ -108,6 +137,11 @@ class Adapter:
         kept columns to `consumer_weight` (d_out, len(kept)*group) if given. len(kept)==0 removes the module."""
         raise NotImplementedError
 
+    def module_call(self, layer: nn.Module, kind: str, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        """A zero-argument callable running only module `kind` of `layer` on the block's captured inputs, for
+        timing a module alone (profile --method module); None where the family does not support it."""
+        return None
+
     # --- use ---------------------------------------------------------------------------------------
     def embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -118,6 +152,11 @@ class Adapter:
         "embedding": the pooled sentence embedding (B, d), L2-normalised, for a bare encoder (else None)}."""
         raise NotImplementedError
 
+    def head_kind(self, model: nn.Module) -> str | None:
+        """Which distribution the head's logits are: "sequence" (B, C), "token" (B, T, C), or None (no head
+        that distillation compares)."""
+        raise NotImplementedError
+
     def embedding_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters of the input embeddings (never pruned; recovery may keep them frozen)."""
         raise NotImplementedError
@@ -125,3 +164,7 @@ class Adapter:
     def save_config_(self, model: nn.Module) -> None:
         """Record the per-layer shapes and the remote-code entry points in model.config."""
         raise NotImplementedError
+
+    def portable_class(self, arch: str):
+        """The class from the remote file for a saved architecture name (config.architectures[0]), or None."""
+        return getattr(self.remote, arch, None)

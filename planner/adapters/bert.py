@@ -7,11 +7,10 @@ sub-block ends with LayerNorm(dense(h) + residual); a removed sub-block keeps La
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..types import ArchShape
 from . import register
-from .base import Adapter, LayerSpec, mean_pool
+from .base import Adapter, LayerSpec, cols_of, mean_pool, rows_of, unit_indices
 from .remote import modeling_planner_bert as remote
 
 # class name of a plain transformers model -> the Auto class that should load its pruned version
@@ -26,31 +25,11 @@ _AUTO_FOR_SUFFIX = {
 }
 
 
-def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
-    """A new Linear keeping output rows idx (producer side)."""
-    new = remote._linear_like(lin, out_features=len(idx))
-    with torch.no_grad():
-        new.weight.copy_(lin.weight[idx])                 # (len(idx), d_in)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias[idx])
-    return new
-
-
-def _cols(lin: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None) -> nn.Linear:
-    """A new Linear keeping input columns idx (consumer side), optionally with corrected weights."""
-    new = remote._linear_like(lin, in_features=len(idx))
-    with torch.no_grad():
-        w = lin.weight[:, idx] if weight is None else weight  # (d_out, len(idx))
-        new.weight.copy_(w.to(new.weight.dtype))
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias)
-    return new
-
-
 class BertAdapter(Adapter):
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta", "electra")
     remote_file = "modeling_planner_bert.py"
+    remote = remote
 
     def base(self, model):
         return getattr(model, model.base_model_prefix, model)
@@ -63,20 +42,17 @@ class BertAdapter(Adapter):
     def layers(self, model):
         return self.base(model).encoder.layer
 
-    def shape(self, model) -> ArchShape:
-        c = model.config
+    def shape(self, model_or_config) -> ArchShape:
+        c = getattr(model_or_config, "config", model_or_config)
         return ArchShape(family=self.family, hidden=c.hidden_size, n_layers=c.num_hidden_layers,
                          n_heads=c.num_attention_heads, head_dim=c.hidden_size // c.num_attention_heads,
                          ffn=c.intermediate_size, vocab=c.vocab_size)
 
-    def layer_spec(self, layer) -> LayerSpec:
+    def layer_spec(self, layer, config=None) -> LayerSpec:
         heads = 0 if isinstance(layer.attention, remote.RemovedAttention) else layer.attention.self.num_attention_heads
         ffn = 0 if isinstance(layer.intermediate, remote.RemovedIntermediate) else layer.intermediate.dense.out_features
         sp = {k: float(getattr(self.consumer(layer, k), "sparsity", 0.0)) for k in ("attn", "ffn")}
         return LayerSpec(int(heads), int(ffn), sp["attn"], sp["ffn"])
-
-    def spec(self, model) -> list[LayerSpec]:
-        return [self.layer_spec(l) for l in self.layers(model)]
 
     def group_size(self, model, kind):
         return model.config.hidden_size // model.config.num_attention_heads if kind == "attn" else 1
@@ -109,13 +85,12 @@ class BertAdapter(Adapter):
                 new.output.LayerNorm.load_state_dict(attn.output.LayerNorm.state_dict())
                 layer.attention = new
                 return
-            hd = d // config.num_attention_heads
-            cols = (kept[:, None] * hd + torch.arange(hd)).reshape(-1)      # (k*hd,) rows of Q,K,V / cols of W_O
+            cols = unit_indices(kept, d // config.num_attention_heads)     # (k*hd,) rows of Q,K,V / cols of W_O
             sa = attn.self
-            sa.query, sa.key, sa.value = _rows(sa.query, cols), _rows(sa.key, cols), _rows(sa.value, cols)
+            sa.query, sa.key, sa.value = rows_of(sa.query, cols), rows_of(sa.key, cols), rows_of(sa.value, cols)
             sa.num_attention_heads = len(kept)
             sa.all_head_size = len(cols)
-            attn.output.dense = _cols(attn.output.dense, cols, consumer_weight)
+            attn.output.dense = cols_of(attn.output.dense, cols, consumer_weight)
         else:
             if isinstance(layer.intermediate, remote.RemovedIntermediate):
                 assert len(kept) == 0, "cannot grow a removed FFN"
@@ -129,8 +104,15 @@ class BertAdapter(Adapter):
                 layer.intermediate = remote.RemovedIntermediate()
                 layer.output = new
                 return
-            layer.intermediate.dense = _rows(layer.intermediate.dense, kept)
-            layer.output.dense = _cols(layer.output.dense, kept, consumer_weight)
+            layer.intermediate.dense = rows_of(layer.intermediate.dense, kept)
+            layer.output.dense = cols_of(layer.output.dense, kept, consumer_weight)
+
+    def module_call(self, layer, kind, hidden, args, kwargs):
+        """BERT's sub-modules run alone on the block's input: the attention (with the block's mask arguments)
+        or the FFN (intermediate + output, as transformers' feed_forward_chunk chains them)."""
+        if kind == "attn":
+            return lambda: layer.attention(hidden, *args, **kwargs)
+        return lambda: layer.feed_forward_chunk(hidden)
 
     def embed(self, model, input_ids, attention_mask):
         """Sentence embedding: mean of the last hidden state over real tokens, L2-normalised."""
@@ -170,10 +152,5 @@ class BertAdapter(Adapter):
         suffix = cls[len(family):]
         auto[_AUTO_FOR_SUFFIX[suffix]] = f"{module}.Planner{cls}"
         c.auto_map = auto
-
-    def portable_class(self, arch: str):
-        """The class from the remote file for a saved architecture name, or None."""
-        return getattr(remote, arch, None)
-
 
 register(BertAdapter())

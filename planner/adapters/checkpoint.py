@@ -1,37 +1,61 @@
-"""Loading and saving models: local Hugging Face directories only (no hub), portable pruned checkpoints."""
+"""Checkpoints: local Hugging Face directories (no hub), opened once and passed between stages; portable saving.
+
+`Checkpoint.open(path)` reads and checks config.json and finds the family's adapter; the tokenizer, the
+fingerprint (hash of the config and weight bytes) and the weights load only when asked for. Stages take a
+Checkpoint instead of a path, so one job reads a model directory's config once and its weights as often as it
+needs a fresh copy (`load()`), not once per helper.
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import json
-import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 
 from .. import io
-from . import get_adapter
-from .remote import modeling_planner_bert  # noqa: F401  (import check: the remote code must import)
 from ..errors import PlannerError
+from ..types import ArchShape
+from . import get_adapter
+from .base import Adapter
+from .remote import modeling_planner_bert  # noqa: F401  (import check: the remote code must import)
 
 # shared files every remote model file imports relatively: the common layers, and what differs between
 # transformers releases
 COMMON_REMOTE = ("planner_common.py", "planner_compat.py")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")      # a local directory never needs the network
-# planner prints its own progress; transformers' per-load bars and reports would drown it
-transformers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
-try:
-    from huggingface_hub.utils import disable_progress_bars
-    disable_progress_bars()
-except ImportError:  # pragma: no cover
-    pass
 
 
-def _config_dict(path: Path) -> dict:
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' per-load progress bars and reports off for the duration (planner prints its own
+    progress), restored afterwards: importing planner leaves the user's logging settings alone."""
+    log = transformers.utils.logging
+    verbosity, bars = log.get_verbosity(), log.is_progress_bar_enabled()
+    log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip()
+    return (msg.splitlines()[0] if msg else type(e).__name__)[:300]
+
+
+def read_config(path) -> dict:
+    """config.json of a model directory, checked: the directory exists and names its architecture."""
+    path = Path(path)
     if not path.exists():
         raise PlannerError(f"model directory not found: {path}")
     if not path.is_dir():
@@ -39,38 +63,91 @@ def _config_dict(path: Path) -> dict:
     if not (path / "config.json").exists():
         raise PlannerError(f"{path} has no config.json: pass a Hugging Face model directory")
     cfg = io.read_json(path / "config.json", "model config")
-    if "model_type" not in cfg:
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise PlannerError(f"{path}/config.json has no model_type: cannot tell the architecture")
     return cfg
 
 
+@dataclass(eq=False)
+class Checkpoint:
+    """One model directory: its config (read once), adapter, tokenizer and fingerprint; weights on demand."""
+    path: Path
+    config: dict                    # config.json as written
+    adapter: Adapter
+
+    @classmethod
+    def open(cls, path) -> "Checkpoint":
+        if isinstance(path, Checkpoint):
+            return path
+        path = Path(path)
+        cfg = read_config(path)
+        return cls(path, cfg, get_adapter(cfg["model_type"]))
+
+    @functools.cached_property
+    def hf_config(self) -> transformers.PretrainedConfig:
+        """The transformers config object (no weights); what shapes and limits are read from."""
+        fields = {k: v for k, v in self.config.items() if k not in ("architectures", "auto_map")}
+        with quiet_transformers():
+            return transformers.AutoConfig.for_model(**fields)
+
+    @property
+    def shape(self) -> ArchShape:
+        return self.adapter.shape(self.hf_config)
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.adapter.causal_lm
+
+    @property
+    def record(self) -> dict:
+        """The planner record of a compressed checkpoint (method, target, profile, source, origin); {} if dense."""
+        return dict(self.config.get("planner") or {})
+
+    @property
+    def origin(self) -> str | None:
+        """Fingerprint of the dense checkpoint this one descends from (None: dense, or an older planner's)."""
+        return self.record.get("origin")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.path)
+
+    @functools.cached_property
+    def tokenizer(self):
+        try:
+            with quiet_transformers():
+                return transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as e:
+            raise PlannerError(f"could not load a tokenizer from {self.path}: {_one_line(e)}") from None
+
+    def load(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        """A fresh copy of the model in eval mode, brought into the form the algorithms expect
+        (`adapter.prepare_`). Compressed checkpoints load through the planner's copy of their code."""
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in self.path.iterdir()):
+            raise PlannerError(f"{self.path} has no weight files (*.safetensors or *.bin)")
+        arch = (self.config.get("architectures") or ["AutoModel"])[0]
+        cls = self.adapter.portable_class(arch) if arch.startswith("Planner") else getattr(transformers, arch, None)
+        cls = cls or transformers.AutoModel
+        try:
+            with quiet_transformers():
+                model = cls.from_pretrained(str(self.path), dtype=dtype, local_files_only=True)
+        except Exception as e:  # corrupted or mismatched weights: say so in one line
+            raise PlannerError(f"could not load model from {self.path}: {_one_line(e)}") from None
+        self.adapter.prepare_(model)
+        return model.eval().to(device)
+
+    def check_positions(self, n: int, what: str) -> None:
+        self.adapter.check_positions(self.hf_config, n, what)
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model in eval mode, adapter). Pruned checkpoints load through the planner's copy of their code."""
-    path = Path(path)
-    cfg = _config_dict(path)
-    adapter = get_adapter(cfg["model_type"])
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
-        raise PlannerError(f"{path} has no weight files (*.safetensors or *.bin)")
-    arch = (cfg.get("architectures") or ["AutoModel"])[0]
-    cls = adapter.portable_class(arch) if arch.startswith("Planner") else getattr(transformers, arch, None)
-    if cls is None:
-        cls = transformers.AutoModel
-    try:
-        model = cls.from_pretrained(str(path), dtype=dtype)
-    except Exception as e:  # corrupted or mismatched weights: say so in one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PlannerError(f"could not load model from {path}: {msg[:300]}") from None
-    adapter.prepare_(model)
-    model.eval().to(device)
-    return model, adapter
+    """(model in eval mode, adapter) of a model directory."""
+    ck = Checkpoint.open(path)
+    return ck.load(device, dtype), ck.adapter
 
 
 def load_tokenizer(path):
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PlannerError(f"could not load a tokenizer from {path}: {msg[:300]}") from None
+    return Checkpoint.open(path).tokenizer
 
 
 def fingerprint(path) -> str:
@@ -99,7 +176,7 @@ def save_portable(model, adapter, src_dir, out_dir, extra_config: dict | None = 
             setattr(model.config, k, v)
     # save_pretrained rewrites config.architectures with the class it sees: keep the portable entries aside
     portable = {k: copy.deepcopy(getattr(model.config, k)) for k in ("architectures", "auto_map", "planner_layers")}
-    with io.atomic_dir(out_dir) as tmp:
+    with io.atomic_dir(out_dir) as tmp, quiet_transformers():
         model.save_pretrained(str(tmp), safe_serialization=True)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg.update(portable)
@@ -137,19 +214,19 @@ def origin(model) -> str | None:
     return rec.get("origin")
 
 
-def check_pair(comp, adapter, dense, d_adapter, fix: str, dense_fingerprint: str | None = None) -> None:
-    """Refuse a compressed model and a dense model that do not belong together: another family, hidden size,
-    layer count or vocabulary, or (where the dense checkpoint's fingerprint is given and the compressed model
-    records its origin) another dense checkpoint. `fix` says what to pass instead."""
-    c, d = adapter.shape(comp), d_adapter.shape(dense)
+def check_pair(comp: Checkpoint, dense: Checkpoint, fix: str) -> None:
+    """Refuse a compressed and a dense checkpoint that do not belong together: another family, hidden size, layer
+    count or vocabulary, or (where the compressed one records its origin) another dense checkpoint, by content:
+    a copy of the right directory is the same checkpoint. `fix` says what to pass instead. Reads configs only
+    (and hashes the dense weights where an origin is recorded)."""
+    c, d = comp.shape, dense.shape
     if c.family != d.family:
         raise PlannerError(f"the compressed model is a {c.family} model, the dense one a {d.family}: {fix}")
-    for what, a, b in (("hidden size", c.hidden, d.hidden), ("layer count", len(adapter.layers(comp)),
-                       len(d_adapter.layers(dense))), ("vocabulary", c.vocab, d.vocab)):
+    for what, a, b in (("hidden size", c.hidden, d.hidden), ("layer count", c.n_layers, d.n_layers),
+                       ("vocabulary", c.vocab, d.vocab)):
         if a != b:
             raise PlannerError(f"the compressed and the dense model differ in {what} ({a} vs {b}): {fix}")
-    mine = origin(comp)
-    if dense_fingerprint is not None and mine is not None and mine != dense_fingerprint:
+    if comp.origin is not None and comp.origin != dense.fingerprint:
         raise PlannerError(f"the compressed model was made from another checkpoint than the dense one given: {fix}")
 
 

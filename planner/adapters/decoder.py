@@ -14,8 +14,7 @@ import torch
 
 from ..errors import UnsupportedModel
 from ..types import ArchShape
-from .base import Adapter, LayerSpec, mean_pool, unit_indices
-from .bert import _cols, _rows
+from .base import Adapter, LayerSpec, cols_of, mean_pool, rows_of, unit_indices
 
 
 def _head_dim(config) -> int:
@@ -30,7 +29,6 @@ def _stacked(rows: torch.Tensor, lin, width: int) -> torch.Tensor:
 
 class DecoderAdapter(Adapter):
     causal_lm = True
-    remote = None                     # the family's remote model module
     lm_suffix = ""                    # class name suffix of the LM-head model ("LMHeadModel", "ForCausalLM")
 
     def forward_kwargs(self):
@@ -53,8 +51,8 @@ class DecoderAdapter(Adapter):
     def ffn_width(self, config) -> int:
         raise NotImplementedError
 
-    def shape(self, model) -> ArchShape:
-        c = model.config
+    def shape(self, model_or_config) -> ArchShape:
+        c = getattr(model_or_config, "config", model_or_config)
         return ArchShape(family=self.family, hidden=c.hidden_size, n_layers=c.num_hidden_layers,
                          n_heads=c.num_attention_heads, head_dim=_head_dim(c),
                          ffn=self.ffn_width(c), vocab=c.vocab_size)
@@ -64,9 +62,6 @@ class DecoderAdapter(Adapter):
         w = {k: (lin.in_features if (lin := self.consumer(layer, k)) is not None else 0) for k in ("attn", "ffn")}
         sp = {k: float(getattr(self.consumer(layer, k), "sparsity", 0.0)) for k in ("attn", "ffn")}
         return LayerSpec(w["attn"] // _head_dim(config), w["ffn"], sp["attn"], sp["ffn"])
-
-    def spec(self, model) -> list[LayerSpec]:
-        return [self.layer_spec(l, model.config) for l in self.layers(model)]
 
     def group_size(self, model, kind):
         return _head_dim(model.config) if kind == "attn" else 1
@@ -91,8 +86,8 @@ class DecoderAdapter(Adapter):
         cols = unit_indices(kept, _head_dim(config) if kind == "attn" else 1)   # (k*group,) consumer columns, producer rows
         for p, n in slots[:-1]:
             lin = getattr(p, n)
-            setattr(p, n, _rows(lin, _stacked(cols, lin, consumer.in_features)))
-        setattr(cp, cn, _cols(consumer, cols, consumer_weight))
+            setattr(p, n, rows_of(lin, _stacked(cols, lin, consumer.in_features)))
+        setattr(cp, cn, cols_of(consumer, cols, consumer_weight))
         if kind == "attn":
             self.remote.planner_set_heads_(layer, len(kept))
 
@@ -134,7 +129,3 @@ class DecoderAdapter(Adapter):
         c.architectures = ["Planner" + cls]
         c.auto_map = {"AutoModel": f"{module}.Planner{family}Model",
                       "AutoModelForCausalLM": f"{module}.Planner{family}{self.lm_suffix}"}
-
-    def portable_class(self, arch: str):
-        """The class from the remote file for a saved architecture name, or None."""
-        return getattr(self.remote, arch, None)

@@ -13,8 +13,7 @@ import torch
 
 from ..types import ArchShape
 from . import register
-from .base import LayerSpec, unit_indices
-from .bert import _cols, _rows
+from .base import LayerSpec, cols_of, rows_of, unit_indices
 from .decoder import DecoderAdapter
 from .remote import modeling_planner_llama as remote
 
@@ -34,8 +33,8 @@ class LlamaAdapter(DecoderAdapter):
     def layers(self, model):
         return self.base(model).layers
 
-    def shape(self, model) -> ArchShape:
-        c = model.config
+    def shape(self, model_or_config) -> ArchShape:
+        c = getattr(model_or_config, "config", model_or_config)
         return ArchShape(family=self.family, hidden=c.hidden_size, n_layers=c.num_hidden_layers,
                          n_heads=c.num_attention_heads, head_dim=remote.planner_head_dim(c),
                          ffn=c.intermediate_size, vocab=c.vocab_size, kv_heads=c.num_key_value_heads)
@@ -83,9 +82,9 @@ class LlamaAdapter(DecoderAdapter):
             hd = sa.head_dim
             kv_rows = unit_indices(kept, hd)                            # (k*hd,) rows of k_proj, v_proj
             q_cols = unit_indices(kept, sa.num_key_value_groups * hd)   # (k*G*hd,) rows of q_proj / columns of o_proj
-            sa.q_proj = _rows(sa.q_proj, q_cols)
-            sa.k_proj, sa.v_proj = _rows(sa.k_proj, kv_rows), _rows(sa.v_proj, kv_rows)
-            sa.o_proj = _cols(sa.o_proj, q_cols, consumer_weight)
+            sa.q_proj = rows_of(sa.q_proj, q_cols)
+            sa.k_proj, sa.v_proj = rows_of(sa.k_proj, kv_rows), rows_of(sa.v_proj, kv_rows)
+            sa.o_proj = cols_of(sa.o_proj, q_cols, consumer_weight)
         else:
             mlp = layer.mlp
             if isinstance(mlp, remote.RemovedMLP):
@@ -94,8 +93,8 @@ class LlamaAdapter(DecoderAdapter):
             if len(kept) == 0:
                 self._remove(remote.planner_remove_mlp(layer, config.hidden_size), mlp.down_proj)
                 return
-            mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, kept), _rows(mlp.up_proj, kept)
-            mlp.down_proj = _cols(mlp.down_proj, kept, consumer_weight)
+            mlp.gate_proj, mlp.up_proj = rows_of(mlp.gate_proj, kept), rows_of(mlp.up_proj, kept)
+            mlp.down_proj = cols_of(mlp.down_proj, kept, consumer_weight)
 
     def embedding_parameters(self, model):
         return list(self.base(model).embed_tokens.parameters())

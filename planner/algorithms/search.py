@@ -10,23 +10,20 @@ the loss. Then random starts (log-uniform c in [lo, hi]), then mutation hill cli
 shrinking random subset of groups has its coefficient multiplied by a log-uniform factor in [1/2, 2].
 
 Candidate i depends only on (seed, i) and the history before it, so a search stopped anywhere resumes to
-exactly the same sequence: the state file holds every evaluated candidate and is rewritten atomically after
-each one. Plans that the DP returns twice are not evaluated twice.
+exactly the same sequence: the caller keeps every evaluated candidate (`on_candidate`) and hands them back
+(`history`) to resume. Plans that the DP returns twice are not evaluated twice. No files, no model: the caller
+(stages/plan.py) stores the history and stitches the plans.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .. import io
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
-
-STATE_KIND, STATE_VERSION = "SpdySearch", 1
 
 
 @dataclass(frozen=True)
@@ -37,6 +34,11 @@ class SearchResult:
     n_evaluated: int            # candidates whose plan was stitched and scored (duplicates excluded)
     n_candidates: int           # candidates generated
     history: list[dict]         # {"i", "loss", "plan_key", "best"} per candidate
+
+
+def n_random_default(n: int) -> int:
+    """Random starts among n candidates: a quarter, at least one."""
+    return max(1, n // 4)
 
 
 def _candidate(i: int, n_random: int, n_total: int, best: np.ndarray, seed: int, lo: float, hi: float):
@@ -56,38 +58,34 @@ def _candidate(i: int, n_random: int, n_total: int, best: np.ndarray, seed: int,
 
 
 def search(n_groups: int, solve: Callable[[np.ndarray], tuple], evaluate: Callable[[tuple], float], n: int,
-           seconds: float | None = None, state_path=None, seed: int = 0, n_random: int | None = None,
-           lo: float = 0.25, hi: float = 4.0, progress: bool = True, identity: dict | None = None) -> SearchResult:
+           seconds: float | None = None, seed: int = 0, n_random: int | None = None,
+           lo: float = 0.25, hi: float = 4.0, progress: bool = True, history: list[dict] = (),
+           on_candidate: Callable[[dict], None] | None = None) -> SearchResult:
     """solve(coefs) -> plan key (hashable, e.g. the DP's choices); evaluate(plan key) -> loss (lower is better).
-    n: candidates in all (including the plain DP); seconds: stop generating new ones after this long."""
+    n: candidates in all (including the plain DP); seconds: stop generating new ones after this long.
+    history: the records of a search with the same settings stopped earlier (replayed, not re-evaluated);
+    on_candidate(record): called with each new candidate's record, to be kept for a resume."""
     if n < 1:
         raise PlannerError("--search needs at least 1 candidate")
-    n_random = max(1, n // 4) if n_random is None else n_random
-    want = {"kind": STATE_KIND, "schema_version": STATE_VERSION, "n_groups": n_groups, "seed": seed,
-            "n_random": n_random, "n": n, "lo": lo, "hi": hi, "identity": identity or {}}
-    state = {**want, "history": []}
-    if state_path and Path(state_path).exists():
-        old = io.read_json(state_path, "search state")
-        if all(old.get(k) == v for k, v in want.items()):
-            state = old                                          # resume: same search, continue its history
+    n_random = n_random_default(n) if n_random is None else n_random
+    hist = list(history)
     seen: dict = {}                                              # plan key -> loss
     best_c, best_loss, loss_dp = np.ones(n_groups), np.inf, None
     t0 = time.perf_counter()
     bar = progress_bar(total=n, desc="SPDY search", progress=progress, unit="cand")
     for i in range(n):
         c = _candidate(i, n_random, n, best_c, seed, lo, hi)
-        if i < len(state["history"]):                            # replay what the state file already has
-            h = state["history"][i]
+        if i < len(hist):                                        # replay what an earlier run evaluated
+            h = hist[i]
             key, loss = tuple(h["plan_key"]), h["loss"]
         else:
             if seconds is not None and i > 0 and time.perf_counter() - t0 > seconds:
                 break
             key = tuple(int(x) for x in solve(c))
             loss = seen[key] if key in seen else float(evaluate(key))
-            state["history"].append({"i": i, "loss": loss, "plan_key": list(key), "coefs": c.tolist(),
-                                     "new": key not in seen})
-            if state_path:
-                io.write_json(state_path, state)
+            hist.append({"i": i, "loss": loss, "plan_key": list(key), "coefs": c.tolist(), "new": key not in seen})
+            if on_candidate is not None:
+                on_candidate(hist[-1])
         seen.setdefault(key, loss)
         if i == 0:
             loss_dp = loss
@@ -96,7 +94,6 @@ def search(n_groups: int, solve: Callable[[np.ndarray], tuple], evaluate: Callab
         bar.update()
         bar.set_postfix(best=f"{best_loss:.4g}", dp=f"{loss_dp:.4g}")
     bar.close()
-    hist = state["history"]
     return SearchResult(coefs=best_c.tolist(), loss=float(best_loss), loss_dp=float(loss_dp),
                         n_evaluated=sum(bool(h.get("new", True)) for h in hist), n_candidates=len(hist),
                         history=[{"i": h["i"], "loss": h["loss"], "plan_key": h["plan_key"]} for h in hist])

@@ -6,7 +6,6 @@ measured. CUDA: 2:4 semi-structured sparsity (`torch.sparse.to_sparse_semi_struc
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from . import plots
 from ..errors import PlannerError
-from ..stages.plan import layer_cell
 from ..progress import bar as progress_bar
 from ..types import LatencyProfile, Plan, VerifyReport
+from . import plots
+from .tables import PLOTTED, layer_cell
 
 KNOWN = {"LatencyProfile": LatencyProfile, "Plan": Plan, "VerifyReport": VerifyReport}
 _NAME = re.compile(r"(?P<method>.+?)-(?P<target>\d+(?:\.\d+)?)x$")   # verify/<method>-<target>x.json
@@ -168,7 +168,7 @@ def _rel(p: Path, root: Path) -> str:
 
 
 def _results_table(a: Artefacts) -> str:
-    metrics = [m for m in plots.QUALITY_METRICS if any(m in r.quality for *_, r in a.reports)]
+    metrics = [m for m in PLOTTED if any(m in r.quality for *_, r in a.reports)]
     extra = sorted({k for *_, r in a.reports for k, v in r.quality.items()
                     if isinstance(v, (int, float)) and k not in metrics and k not in ("n_text", "speedup_spread")})
     header = ["method", "target", "predicted", "measured", "pred/meas−1", "speedup spread", *metrics, *extra,

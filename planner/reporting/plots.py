@@ -12,12 +12,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..types import LatencyProfile, Plan, VerifyReport
+from .tables import METRICS, PLOTTED
 
 # one colour per method, stable across figures (planner first, baselines after)
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 # quality metrics where higher is better and the dense model scores 1 (others are plotted as they are)
-QUALITY_METRICS = ("spearman", "nn_agree", "cosine", "ppl_increase", "top1_agree")   # first two present are plotted
-DENSE_VALUE = {"spearman": 1.0, "nn_agree": 1.0, "cosine": 1.0, "ppl_increase": 0.0, "top1_agree": 1.0}
 
 
 def _method_colors(methods) -> dict:
@@ -140,7 +139,7 @@ def frontier(reports: list[tuple[str, float, VerifyReport]], metrics=None) -> Fi
     by = _rows(reports)
     if metrics is None:
         keys = {k for _, _, r in reports for k, v in r.quality.items() if isinstance(v, (int, float))}
-        metrics = [m for m in QUALITY_METRICS if m in keys][:2] or sorted(keys - {"n_text", "speedup_spread"})[:2]
+        metrics = [m for m in PLOTTED if m in keys][:2] or sorted(keys - {"n_text", "speedup_spread"})[:2]
     colors = _method_colors(by)
     fig = Figure(figsize=(5.5 * len(metrics), 4.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(metrics)))
@@ -151,8 +150,8 @@ def frontier(reports: list[tuple[str, float, VerifyReport]], metrics=None) -> Fi
             ax.plot(xs, ys, "o-", color=colors[m], label=m)
             for (t, _), xx, yy in zip(rows, xs, ys):
                 ax.annotate(f"{t:g}x", (xx, yy), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if metric in DENSE_VALUE:
-            ax.plot([1.0], [DENSE_VALUE[metric]], "k*", ms=9, label="dense")
+        if METRICS.get(metric, (None, None, None))[2] is not None:
+            ax.plot([1.0], [METRICS[metric][2]], "k*", ms=9, label="dense")
         if metric == "ppl_increase":
             ax.set_yscale("symlog", linthresh=0.01)   # +1% and +30000% on one plot
         ax.set_xlabel("measured speedup (×)")

@@ -11,16 +11,27 @@ Kept structures come from the database's OBS removal order, or by weight magnitu
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 
-from ..algorithms import obs
+from .. import io
 from ..adapters.base import unit_indices
-from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
-from .database import Database, sparse_weights
+from ..adapters.checkpoint import Checkpoint, is_planner_model, save_portable
+from ..algorithms import obs
+from ..config import PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import KINDS, Plan
+from .calibration import (
+    BlockInputs,
+    block_call,
+    calibration_batches,
+    capture_block_inputs,
+    real_tokens,
+    run_block,
+)
+from .database import Database, sparse_weights
 
 
 def _target(plan_layer: dict, kind: str) -> int:
@@ -137,3 +148,34 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
         h1.remove()
         h2.remove()
     return H_hat * (2 / n), C * (2 / n)
+
+
+def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None = None, select: str = "obs",
+          progress: bool = True, check_fingerprint: bool = True):
+    """Compress checkpoint `ck` to plan `p` and write a portable HF directory. Returns (out_dir, model).
+    weights: "sequential" / "obs" / "none" (default: as planned); select: "obs" (the database's removal order)
+    or "magnitude" (the baseline)."""
+    io.check_out_dir(out_dir, replaceable=is_planner_model, protect=(ck.path,))
+    if check_fingerprint and p.model.get("fingerprint") and p.model["fingerprint"] != ck.fingerprint:
+        raise PlannerError(f"the plan was made for another checkpoint ({p.model.get('path')}); plan this model first")
+    o, d = p.options, PlanConfig()
+    weights = weights or o.get("weights", "sequential" if d.sequential else "obs")
+    db = None
+    if select == "obs":
+        db_path = Path(p.database.get("path", ""))
+        if not (db_path / "index.json").exists():
+            raise PlannerError(f"the plan's OBS database {db_path} is missing: rerun `planner plan`")
+        db = Database(db_path)
+    batches = None
+    if weights == "sequential":                 # refit on the plan's own calibration text and settings
+        batches, _ = calibration_batches(ck, calib_path or o.get("calib_path"), o.get("n_calib", d.n_calib),
+                                         o.get("calib_max_len", d.calib_max_len), o.get("calib_batch", d.calib_batch))
+    model = ck.load()
+    apply_(model, ck.adapter, p, select=select, weights=weights, db=db, batches=batches,
+           damp=o.get("damp", d.damp), progress=progress)
+    record = {"method": p.method, "target_speedup": p.target_speedup, "predicted_speedup": p.predicted_speedup,
+              "weights": weights, "select": select, "profile": {k: p.profile.get(k) for k in
+              ("batch_size", "seq_len", "dtype", "mode")} | {"hardware": p.profile.get("hardware", {}).get("key")},
+              "source": p.model, "origin": ck.origin or ck.fingerprint}   # the dense ancestor (gradual: not the source)
+    save_portable(model, ck.adapter, ck.path, out_dir, {"planner": record})
+    return Path(out_dir), model

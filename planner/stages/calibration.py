@@ -12,6 +12,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import data, io
+
+
+def calibration_batches(ck, calib_path, n: int, max_len: int, batch_size: int) -> tuple[list[dict], str]:
+    """(batches, hash): n passages of the calibration text as padded batches (encoders) or, for causal LMs, cut
+    into token windows of max_len (no padding), and a hash identifying them. `ck`: the Checkpoint whose
+    tokenizer and vocabulary they are made for."""
+    texts = data.sample(data.read_lines(calib_path, data.CALIBRATION, "calibration file"), n)
+    tok, vocab = ck.tokenizer, ck.config.get("vocab_size")
+    if ck.causal_lm:
+        return (data.window_batches(tok, texts, max_len, batch_size, vocab),
+                io.sha256_text(*texts, str(max_len), str(batch_size), "windows"))
+    return (data.batches(tok, texts, batch_size, max_len, vocab),
+            io.sha256_text(*texts, str(max_len), str(batch_size)))
+
 
 class _Stop(Exception):
     pass

@@ -19,7 +19,6 @@ recomputed from them at apply, as the structured ones are.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,24 +26,20 @@ from safetensors.torch import load_file, save_file
 
 from .. import io
 from ..algorithms import obs
-from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
+from ..algorithms.sparsegpt import sparsegpt
+from ..config import DatabaseConfig, PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
-from ..algorithms.sparsegpt import sparsegpt
-from ..types import KINDS
+from ..types import KINDS, LatencyProfile
+from .calibration import (
+    BlockInputs,
+    block_call,
+    capture_block_inputs,
+    real_tokens,
+    run_block,
+)
 
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class DatabaseConfig:
-    damp: float
-    val_fraction: float
-    device: str = "cpu"
-    offload: bool = False      # the model stays in CPU memory; each block visits `device` only while processed
-
-    def to_dict(self):
-        return {"damp": self.damp, "val_fraction": self.val_fraction}
 
 
 class Database:
@@ -104,7 +99,7 @@ class Database:
         return order[n - n_kept:].sort().values if n_kept else order[:0]
 
 
-def _split(batches: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
+def split_batches(batches: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
     """Every k-th batch goes to validation (batches are length-sorted, so both halves span all lengths)."""
     if val_fraction <= 0 or len(batches) < 2:
         return batches, batches
@@ -244,7 +239,7 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
     if len(done) == len(blocks):
         return Database(out)
 
-    train_b, val_b = _split(batches, cfg.val_fraction)
+    train_b, val_b = split_batches(batches, cfg.val_fraction)
     dev = cfg.device
     where, fkw = next(model.parameters()).device, adapter.forward_kwargs()
     train = capture_block_inputs(model, blocks, train_b, where, forward_kwargs=fkw)
@@ -322,3 +317,21 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
         bar.update()
     bar.close()
     return Database(out)
+
+
+def levels_for(prof: LatencyProfile, shape, cfg: PlanConfig) -> dict:
+    """What to score: every attention unit count, the FFN widths the profile timed, and (CPU, asked for) the
+    CSR sparsity levels it timed."""
+    levels = {"attn": list(range(shape.attn_units + 1)), "ffn": prof.times("ffn").widths}
+    sparse = sorted({float(lv) for s in prof.sparse.values() for lv, k in zip(s["levels"], s["kernels"]) if k == "csr"})
+    if cfg.sparse and sparse and cfg.device == "cpu":
+        levels["sparse"] = sparse          # only when asked for, so a structured-only database keeps its identity
+    return levels
+
+
+def build_for_plan(ck, model, prof: LatencyProfile, cfg: PlanConfig, batches: list[dict], calib_hash: str, db_dir,
+                   progress: bool = True) -> Database:
+    """The database a plan of checkpoint `ck` (loaded as `model`) needs for profile `prof`, built or resumed."""
+    identity = {"model": ck.fingerprint, "calibration": calib_hash}
+    return build(model, ck.adapter, batches, db_dir, levels_for(prof, ck.shape, cfg), cfg.database, identity,
+                 progress)

@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from .. import hardware, io
 from ..config import RecoverConfig
 from ..errors import PlannerError

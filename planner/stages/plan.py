@@ -1,17 +1,33 @@
-"""From a database and a latency profile to Plans: the options per module, the budget, the DP.
+"""The plan stage: from a checkpoint and a latency profile to one Plan per speedup target.
 
-Per block l and kind (attn, ffn) the options are the kept widths that are both in the profile's grid and
-in the database; option time = the profile's measured module time, option error = the database's
-held-out error, normalised. budget = base / target - constant: the non-prunable part stays in the budget.
+`plan` validates the inputs (profile of this shape and machine, calibration text, reachable targets), builds or
+resumes the OBS database, solves one DP for every target and, with --search, refines each plan by SPDY's search
+scored on the stitched model. Per block l and kind (attn, ffn) the DP's options are the kept widths that are
+both in the profile's grid and in the database; option time = the profile's measured module time, option error
+= the database's held-out error, normalised. budget = base / target - constant: the non-prunable part stays in
+the budget.
 """
 from __future__ import annotations
 
-import numpy as np
+import copy
+import dataclasses
+from pathlib import Path
 
+import numpy as np
+import torch
+
+from .. import io
 from ..algorithms import solver
-from .database import Database
-from ..errors import UnreachableTarget
+from ..algorithms.search import n_random_default, search
+from ..config import PlanConfig
+from ..errors import PlannerError, UnreachableTarget
 from ..types import KINDS, LatencyProfile, Plan
+from .apply import apply_
+from .calibration import calibration_batches
+from .database import Database, build_for_plan, split_batches
+from .profile import check_profile
+
+SEARCH_KIND, SEARCH_VERSION = "SpdySearch", 1
 
 
 def profile_identity(p: LatencyProfile, path=None) -> dict:
@@ -61,17 +77,8 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
         raise UnreachableTarget("--sparse-only: the database has no sparse levels the profile timed; profile "
                                 "with --sparsity (e.g. 0.9,0.95) and plan with --sparse")
     base = prof.base["median"]
-    fastest = prof.constant + solver.min_time(times)
-    max_speedup = base / fastest if fastest > 0 else float("inf")
-    budgets = []
-    for t in targets:
-        b = base / t - prof.constant
-        if b < solver.min_time(times) or b <= 0:
-            raise UnreachableTarget(f"speedup {t:g}x is not reachable with this profile"
-                                    f"{'' if structured else ' by sparse levels alone'}: the largest reachable "
-                                    f"speedup is {max_speedup:.2f}x (non-prunable time {prof.constant*1e3:.2f} ms "
-                                    f"of {base*1e3:.2f} ms); ask for at most {np.floor(max_speedup*100)/100:.2f}x")
-        budgets.append(b)
+    check_reachable(prof, targets, solver.min_time(times), "" if structured else " by sparse levels alone")
+    budgets = [base / t - prof.constant for t in targets]
     sols = solver.solve(times, errors, budgets, n_buckets=n_buckets)
     plans = []
     for t, sol in zip(targets, sols):
@@ -93,6 +100,18 @@ def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residu
     return plans
 
 
+def check_reachable(prof: LatencyProfile, targets, min_modules: float | None = None, how: str = "") -> None:
+    """Refuse targets beyond the profile's reach (LatencyProfile.max_speedup, the one formula), before any work.
+    min_modules: the least total module time the options on offer allow (default: every module at its fastest)."""
+    reach = prof.max_speedup(min_modules)
+    too_far = [t for t in targets if t > reach]
+    if too_far:
+        base = prof.base["median"]
+        raise UnreachableTarget(f"speedup {max(too_far):g}x is not reachable with this profile{how}: the largest "
+                                f"reachable speedup is {reach:.2f}x (non-prunable time {prof.constant*1e3:.2f} ms of "
+                                f"{base*1e3:.2f} ms); ask for at most {np.floor(reach*100)/100:.2f}x")
+
+
 def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=None, profile_path=None,
                  method: str = "magnitude-uniform") -> Plan:
     """The baseline: the same kept fraction of heads and neurons in every block, the widest that reaches the
@@ -110,8 +129,10 @@ def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=
             best = (k, w, pred)
             break
     if best is None:
-        raise UnreachableTarget(f"speedup {target:g}x is not reachable by uniform pruning with this profile "
-                                f"(largest {prof.max_speedup():.2f}x)")
+        check_reachable(prof, [target], how=" by uniform pruning")
+        raise UnreachableTarget(f"speedup {target:g}x is not reachable by uniform pruning with this profile: no "
+                                f"single width for every block gets there (the largest reachable speedup is "
+                                f"{prof.max_speedup():.2f}x with per-block widths)")
     k, w, pred = best
     layers = [{"heads": k, "ffn": w, "attn_time": A.time_at(k), "ffn_time": F.time_at(w),
                "attn_error": 0.0, "ffn_error": 0.0} for _ in range(n_layers)]
@@ -126,20 +147,103 @@ def plan_key(p: Plan) -> tuple:
                                               int(round(1e4 * l.get("ffn_sparsity", 0)))))
 
 
-def layer_cell(plan_layer: dict, kind: str) -> str:
-    """"12" (kept width) or "1536@s90" (full width, the module's linears 90% sparse)."""
-    key = "heads" if kind == "attn" else "ffn"
-    sp = plan_layer.get(f"{kind}_sparsity", 0)
-    return f"{plan_layer[key]}" + (f"@s{sp * 100:g}" if sp else "")
+
+def plan_name(p: Plan) -> str:
+    tag = "" if p.method == "planner" else f"-{p.method}"
+    return f"plan{tag}-{p.target_speedup:g}x.json"
 
 
-def format_plan_table(plans: list[Plan]) -> str:
-    """Per-layer kept heads / FFN width for each target, side by side."""
-    head = "layer " + " ".join(f"{p.target_speedup:>5g}x heads/ffn" for p in plans)
-    rows = [head]
-    cell = layer_cell
-    for l in range(len(plans[0].layers)):
-        rows.append(f"{l:5d} " + " ".join(f"{cell(p.layers[l], 'attn'):>8}/{cell(p.layers[l], 'ffn'):<7}"
-                                          for p in plans))
-    rows.append("pred  " + " ".join(f"{p.predicted_speedup:>14.2f}x " for p in plans))
-    return "\n".join(rows)
+def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progress: bool = True, db_dir=None,
+         extra_options: dict | None = None) -> list[Plan]:
+    """Build (or reuse) the OBS database of checkpoint `ck` (under out_dir/db, or db_dir) and write one Plan
+    per target: out_dir/plan-<t>x.json. Everything that can be refused is refused before the database build.
+    extra_options: more settings to record in every plan (gradual compression marks its steps)."""
+    out_dir = io.check_out_dir(out_dir)
+    check_profile(prof, ck.shape, prof.hardware.get("device", "cpu"), cfg.allow_other_machine)
+    ck.check_positions(cfg.calib_max_len, f"--calib-max-len {cfg.calib_max_len}")
+    if not cfg.structured and not prof.sparse:
+        raise PlannerError("--sparse-only needs a profile with sparse levels: profile with --sparsity "
+                           "(e.g. 0.9,0.95)")
+    check_reachable(prof, cfg.targets, prof.min_module_time(cfg.structured),
+                    "" if cfg.structured else " by sparse levels alone")
+    batches, calib_hash = calibration_batches(ck, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
+    model = ck.load(device="cpu" if cfg.offload else cfg.device)
+    db = build_for_plan(ck, model, prof, cfg, batches, calib_hash, Path(db_dir) if db_dir else out_dir / "db",
+                        progress)
+    info = {"path": str(ck.path), "fingerprint": ck.fingerprint}
+    calib = {**cfg.calibration_record(), **(extra_options or {})}
+    plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
+                        structured=cfg.structured)
+    if cfg.search:
+        loss_of = stitched_loss(model, ck.adapter, db, cfg, split_batches(batches, cfg.val_fraction)[1])
+        plans = [searched(p, loss_of, db, prof, cfg, info, profile_path, calib, out_dir, progress) for p in plans]
+    for p in plans:
+        p.save(out_dir / plan_name(p))
+    return plans
+
+
+def searched(plain: Plan, loss_of, db: Database, prof: LatencyProfile, cfg: PlanConfig, info, profile_path, calib,
+             out_dir: Path, progress: bool) -> Plan:
+    """SPDY search for one target: the plan whose stitched model has the lowest calibration loss among
+    cfg.search candidates (the plain DP's plan is the first, so the result is never worse on that loss).
+    Resumable: every evaluated candidate goes to OUT/search/search-<t>x.json as it is scored."""
+    groups = [(l, k) for l in range(db.n_layers) for k in KINDS]
+    by_key = {plan_key(plain): plain}
+
+    def solve(c):
+        p = solve_plans(db, prof, [plain.target_speedup], cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
+                        scale=dict(zip(groups, c)), structured=cfg.structured)[0]
+        by_key.setdefault(plan_key(p), p)
+        return plan_key(p)
+
+    state_path = out_dir / "search" / f"search-{plain.target_speedup:g}x.json"
+    want = {"kind": SEARCH_KIND, "schema_version": SEARCH_VERSION, "n_groups": len(groups), "seed": 0,
+            "n_random": n_random_default(cfg.search), "n": cfg.search, "lo": 0.25, "hi": 4.0,
+            "identity": {"database": db.index["identity"], "target": plain.target_speedup,
+                         "profile": plain.profile["created"], "norm": cfg.error_norm}}
+    state = {**want, "history": []}
+    if state_path.exists():
+        old = io.read_json(state_path, "search state")
+        if all(old.get(k) == v for k, v in want.items()):
+            state = old                                          # resume: same search, continue its history
+
+    def keep(record):
+        state["history"].append(record)
+        io.write_json(state_path, state)
+
+    res = search(len(groups), solve, lambda key: loss_of(by_key[key]), cfg.search,
+                 cfg.search_minutes * 60 if cfg.search_minutes else None, seed=want["seed"],
+                 n_random=want["n_random"], lo=want["lo"], hi=want["hi"], progress=progress,
+                 history=state["history"], on_candidate=keep)
+    best_key = tuple(res.history[min(range(len(res.history)), key=lambda i: res.history[i]["loss"])]["plan_key"])
+    if best_key not in by_key:                 # resumed: the winner came from the state file, not this session
+        solve(np.asarray(res.coefs))
+    best = by_key.get(best_key, plain)
+    record = {"candidates": res.n_candidates, "evaluated": res.n_evaluated, "loss_dp": res.loss_dp,
+              "loss": res.loss, "coefficients": {f"{l}.{k}": c for (l, k), c in zip(groups, res.coefs)},
+              "total_error_dp": plain.total_error}
+    return dataclasses.replace(best, options={**best.options, "search": record})
+
+
+def stitched_loss(dense, adapter, db: Database, cfg: PlanConfig, val: list[dict]):
+    """plan -> relative error of the last hidden states of the stitched model (OBS weights from the database)
+    against the dense model, on the held-back calibration batches `val`: Σ‖h − h_dense‖² / Σ‖h_dense − mean‖²."""
+    dev = next(dense.parameters()).device
+
+    @torch.no_grad()
+    def last_hidden(m):
+        out = []
+        for b in val:
+            ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
+            h = adapter.distill_outputs(m, ids, mask)["hidden"][-1]
+            out.append(h[mask.bool()].double())                      # (tokens, d)
+        return out
+
+    ref = last_hidden(dense)
+    den = sum(float(((r - r.mean(0)) ** 2).sum()) for r in ref)
+
+    def loss(plan: Plan) -> float:
+        m = copy.deepcopy(dense)
+        apply_(m, adapter, plan, select="obs", weights="obs", db=db, damp=cfg.damp, progress=False)
+        return sum(float(((h - r) ** 2).sum()) for h, r in zip(last_hidden(m), ref)) / max(den, 1e-30)
+    return loss

@@ -22,20 +22,20 @@ import datetime as _dt
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
-from .. import hardware
+from .. import hardware, io
+from ..adapters.checkpoint import Checkpoint, quiet_transformers
 from ..algorithms import latency, sparse
-from . import regimes
-from ..adapters import get_adapter
 from ..config import ProfileConfig
 from ..data import latency_inputs
 from ..errors import PlannerError
-from ..adapters.checkpoint import _config_dict
 from ..progress import bar as progress_bar
-from ..timing import median, spread, time_calls
+from ..timing import abba, median, spread, time_calls
 from ..types import KINDS, LatencyProfile
+from . import regimes
 
 VARIANT_CACHE_BYTES = 4 << 30          # keep built variants up to this many parameter bytes, else rebuild per use
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -48,19 +48,19 @@ def width_grid(kind: str, dense: int, step: int) -> list[int]:
     return sorted({0, dense, *range(step, dense, step)})
 
 
-def dense_model_from_config(path, dtype=torch.float32, device="cpu"):
-    """A randomly initialised dense model with the checkpoint's architecture (planner_layers dropped)."""
-    cfg = dict(_config_dict(Path(path)))
-    adapter = get_adapter(cfg["model_type"])
-    for k in ("planner_layers", "auto_map", "planner"):
-        cfg.pop(k, None)
-    arch = (cfg.get("architectures") or ["AutoModel"])[0].removeprefix("Planner")
-    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+def dense_model_from_config(ck, dtype=torch.float32, device="cpu"):
+    """A randomly initialised dense model with the checkpoint's architecture (planner_layers dropped): latency
+    depends on shapes, not weights. `ck`: a Checkpoint or a model directory."""
+    ck = Checkpoint.open(ck)
+    cfg = {k: v for k, v in ck.config.items() if k not in ("planner_layers", "auto_map", "planner", "architectures")}
+    arch = (ck.config.get("architectures") or ["AutoModel"])[0].removeprefix("Planner")
+    with quiet_transformers():
+        config = transformers.AutoConfig.for_model(**cfg)
     cls = getattr(transformers, arch, None) or transformers.AutoModel
     torch.manual_seed(0)
     model = (cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config))
-    adapter.prepare_(model)
-    return model.eval().to(device=device, dtype=dtype), adapter
+    ck.adapter.prepare_(model)
+    return model.eval().to(device=device, dtype=dtype), ck.adapter
 
 
 def _variant(model, adapter, layers: list[dict]):
@@ -95,22 +95,26 @@ def _uniform(shape, kind: str, width: int) -> list[dict]:
     return [{"heads": h, "ffn": f}] * shape.n_layers
 
 
-def profile(model_path, cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> LatencyProfile:
+def profile(ck, cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> LatencyProfile:
+    """Time the dense model and every prunable module at every kept width on this machine (module docstring);
+    the thread count is set for the call and restored after it."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise PlannerError("--device cuda asked for, but CUDA is not available here; use --device cpu")
-    hardware.set_threads(cfg.threads)
-    model, adapter = dense_model_from_config(model_path, DTYPES[cfg.dtype], cfg.device)
+    with hardware.threads(cfg.threads):
+        return _profile(Checkpoint.open(ck), cfg, progress)
+
+
+def _profile(ck: Checkpoint, cfg: ProfileConfig, progress: bool) -> LatencyProfile:
+    model, adapter = dense_model_from_config(ck, DTYPES[cfg.dtype], cfg.device)
     regimes.check_mode(adapter, cfg.mode)
     # decode: the cache holds seq_len tokens and the timed step adds one
     adapter.check_positions(model.config, cfg.seq_len + (cfg.mode == "decode"), f"--seq-len {cfg.seq_len}")
-    if cfg.method == "module" and adapter.causal_lm:
-        raise PlannerError("--method module times BERT-style modules alone; profile decoders with --method model")
+    if cfg.method == "module" and adapter.module_call(adapter.layers(model)[0], "attn", None, (), {}) is None:
+        raise PlannerError(f"--method module cannot time {adapter.family} modules alone; use --method model")
     shape = adapter.shape(model)
     dense = {"attn": shape.attn_units, "ffn": shape.ffn}
     grids = {k: width_grid(k, dense[k], cfg.ffn_step) for k in KINDS}
     notes, floor, sparse_mods = [], 0.0, {}
-    if cfg.sparsity and cfg.method != "model":
-        raise PlannerError("--sparsity is timed inside the running model: use it with --method model")
     levels = _sparse_levels(cfg)
     mixed = latency.mixed_architectures(shape.n_layers, shape.attn_units, grids["ffn"], cfg.n_mixed, seed=0)
     if cfg.method == "model":
@@ -231,12 +235,7 @@ def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"
         order = keys[:]
         random.Random(r).shuffle(order)
         for i, k in enumerate(order):
-            fv = get(k)
-            td, tv = [], []
-            for rep in range(reps or cfg.reps):
-                pair = ((fd, td), (fv, tv)) if (i + rep) % 2 == 0 else ((fv, tv), (fd, td))
-                for fn, acc in pair:
-                    acc.extend(time_calls(fn, 1, 0, cfg.device))
+            td, tv = abba(fd, get(k), reps or cfg.reps, cfg.device, start=i)
             ratios[k].append(median(tv) / median(td))
             bases.extend(td)
             bar.update()
@@ -324,17 +323,44 @@ def _profile_modules(model, adapter, x, grids, cfg, progress):
         for w in grids[k]:
             layer = copy.deepcopy(layer0)
             adapter.shrink_(layer, k, torch.arange(w), None, model.config)
-            if k == "attn":
-                fn = lambda: layer.attention(hidden, *rest, **kw)
-            else:
-                fn = lambda: layer.feed_forward_chunk(hidden)
-            ts = time_calls(fn, cfg.reps * cfg.rounds, cfg.warmup, cfg.device)
+            ts = time_calls(adapter.module_call(layer, k, hidden, rest, kw), cfg.reps * cfg.rounds, cfg.warmup,
+                            cfg.device)
             med.append(median(ts))
             spr.append(spread(ts))
             bar.update()
         mods[k] = {"widths": grids[k], "median": med, "spread": spr}
     bar.close()
     return {"median": median(base_times), "spread": spread(base_times), "reps": len(base_times)}, mods
+
+
+def summary(p: LatencyProfile, path=None) -> dict:
+    """A profile's conditions and headline numbers as one flat row (listing, `profile --json`)."""
+    top = p.max_speedup()
+    return {"path": str(path) if path else None, "hardware": p.hardware.get("name"), "machine": p.hardware.get("key"),
+            "device": p.hardware.get("device"), "threads": p.hardware.get("threads"),
+            "shape": p.shape.get("key"), "mode": p.mode, "batch": p.batch_size, "seq": p.seq_len,
+            "dtype": p.dtype, "dense_ms": p.base["median"] * 1e3, "constant_ms": p.constant * 1e3,
+            "max_speedup": top if np.isfinite(top) else None,       # JSON has no infinity
+            "check_max_err": p.fit.get("max_rel_error") if p.fit else None,
+            "sparse_crossover": {k: p.sparse_crossover(k) for k in p.sparse},
+            "torch": p.hardware.get("torch"), "created": p.created}
+
+
+def list_profiles(root="profiles") -> list[dict]:
+    """One row per stored profile under `root`: its conditions and how well it predicted its own check.
+    Files that are not readable profiles are listed with the reason; other planner files are skipped."""
+    rows = []
+    for path in sorted(Path(root).rglob("*.json")):
+        try:
+            d = io.read_json(path, "profile")
+            if isinstance(d, dict) and d.get("kind") not in (None, LatencyProfile.KIND):
+                continue                                     # another planner artefact (plan, verify report)
+            p = LatencyProfile.from_dict(d, path)
+        except PlannerError as e:
+            rows.append({"path": str(path), "error": str(e).splitlines()[0]})
+            continue
+        rows.append(summary(p, path))
+    return rows
 
 
 def default_profile_path(p: LatencyProfile, root="profiles") -> Path:

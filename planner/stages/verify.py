@@ -19,18 +19,24 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from .. import hardware
+from .. import data, hardware, io
+from ..adapters.checkpoint import Checkpoint, check_pair, n_params
+from ..config import VerifyConfig
 from ..data import batches as make_batches
 from ..data import token_windows
-from .regimes import generation_loop, latency_call
+from ..errors import PlannerError
 from ..progress import bar as progress_bar
-from ..timing import median, spread, time_calls
+from ..timing import abba, median, spread, time_calls
+from ..types import LatencyProfile, VerifyReport
+from .profile import check_profile
+from .regimes import generation_loop, latency_call
 
 
-def measure_speedup(dense, comp, adapter, batch_size: int, seq_len: int, reps: int = 15, warmup: int = 3,
-                    device: str = "cpu", progress: bool = False, mode: str = "prefill", decode_steps: int = 16) -> dict:
-    """Interleaved timing of the two models in `mode`. Times are per call (prefill) or per generated token
-    step (decode, where tokens_per_s = batch / step time is added)."""
+def measure_speedup(dense, comp, adapter, batch_size: int, seq_len: int, reps: int = VerifyConfig.reps,
+                    warmup: int = VerifyConfig.warmup, device: str = "cpu", progress: bool = False,
+                    mode: str = "prefill", decode_steps: int = VerifyConfig.decode_steps) -> dict:
+    """Interleaved timing of the two models in `mode` (timing.abba). Times are per call (prefill) or per
+    generated token step (decode, where tokens_per_s = batch / step time is added)."""
     if mode == "decode":
         fd, fc = (generation_loop(m, adapter, batch_size, seq_len, decode_steps, device) for m in (dense, comp))
         per = decode_steps                                           # one call generates decode_steps tokens
@@ -41,9 +47,9 @@ def measure_speedup(dense, comp, adapter, batch_size: int, seq_len: int, reps: i
     time_calls(fc, 1, warmup, device)
     td, tc = [], []
     for r in progress_bar(range(reps), desc="verify: timing", unit="pair", progress=progress):
-        pair = [(fd, td), (fc, tc)] if r % 2 == 0 else [(fc, tc), (fd, td)]
-        for fn, acc in pair:
-            acc.extend(t / per for t in time_calls(fn, 1, 0, device))
+        a, b = abba(fd, fc, 1, device, start=r)
+        td.extend(t / per for t in a)
+        tc.extend(t / per for t in b)
     ratios = [a / b for a, b in zip(td, tc)]
     out = {"dense_time": median(td), "compressed_time": median(tc), "speedup": median(td) / median(tc),
            "speedup_spread": spread(ratios), "dense_spread": spread(td), "compressed_spread": spread(tc)}
@@ -102,3 +108,73 @@ def similarity_quality(e_dense: torch.Tensor, e_comp: torch.Tensor) -> dict:
 def conditions(batch_size, seq_len, reps, device="cpu") -> dict:
     return {**hardware.describe(device), "batch_size": batch_size, "seq_len": seq_len, "reps": reps,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = VerifyConfig(),
+           prof: LatencyProfile | None = None, out=None, dense_model=None, progress: bool = True) -> VerifyReport:
+    """Measure the compressed model against the dense one in the regime of its profile (or cfg.mode):
+    interleaved speedup, the profile's prediction for its architecture, and quality on held-out text. Every
+    pairing and limit is checked before a model is loaded; the thread count is restored afterwards."""
+    if out:
+        io.check_out_file(out)
+    check_pair(comp_ck, dense_ck, "pass the dense model it was made from first, then the compressed one")
+    rec = comp_ck.record
+    mode = cfg.mode or (prof.mode if prof else None) or rec.get("profile", {}).get("mode") or "prefill"
+    if prof is not None:
+        check_profile(prof, dense_ck.shape, cfg.device, allow_other_machine=True)
+        if prof.mode != mode:
+            raise PlannerError(f"profile is for the {prof.mode} regime, verifying {mode}: pass a {mode} profile "
+                               f"or --mode {prof.mode}")
+        if (prof.batch_size, prof.seq_len) != (cfg.batch_size, cfg.seq_len):
+            raise PlannerError(f"profile is for batch {prof.batch_size} x seq {prof.seq_len}, verifying at "
+                               f"{cfg.batch_size} x {cfg.seq_len}: pass a profile of the same shape")
+    n_pos = cfg.seq_len + (cfg.decode_steps if mode == "decode" else 0)
+    comp_ck.check_positions(n_pos, f"--seq-len {cfg.seq_len}" +
+                            (f" with --decode-steps {cfg.decode_steps}" if mode == "decode" else ""))
+    if comp_ck.causal_lm:
+        comp_ck.check_positions(cfg.ppl_window, f"--ppl-window {cfg.ppl_window}")
+    texts = data.sample(data.read_lines(cfg.text_path, data.HELDOUT, "held-out text file"), cfg.n_text, seed=1)
+    with hardware.threads(cfg.threads):
+        dense = dense_model if dense_model is not None else dense_ck.load(cfg.device)
+        comp, adapter = comp_ck.load(cfg.device), comp_ck.adapter
+        sp = measure_speedup(dense, comp, adapter, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup, cfg.device,
+                             progress=progress, mode=mode, decode_steps=cfg.decode_steps)
+        cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device) | {"mode": mode}
+        q = quality(dense, comp, adapter, comp_ck, texts, cfg, progress)
+    if mode == "decode":
+        cond["decode_steps"] = cfg.decode_steps
+    predicted = None
+    if prof is not None:
+        predicted = prof.base["median"] / prof.predict([s.to_dict() for s in adapter.spec(comp)])
+    else:                                  # the plan's own prediction, where it was made for these conditions
+        pc = rec.get("profile", {})
+        if pc.get("batch_size") == cfg.batch_size and pc.get("seq_len") == cfg.seq_len and \
+                pc.get("hardware") == cond["key"] and pc.get("mode", "prefill") == mode:
+            predicted = rec.get("predicted_speedup")
+    q.update({k: sp[k] for k in ("speedup_spread", "dense_tokens_per_s", "tokens_per_s") if k in sp})
+    rep = VerifyReport(dense=str(dense_ck.path), compressed=str(comp_ck.path), conditions=cond,
+                       dense_time=sp["dense_time"], compressed_time=sp["compressed_time"],
+                       measured_speedup=sp["speedup"], predicted_speedup=predicted,
+                       prediction_ratio=(predicted / sp["speedup"]) if predicted else None,
+                       quality=q, sizes={"dense_params": n_params(dense), "compressed_params": n_params(comp)},
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), plan=rec)
+    if out:
+        rep.save(out)
+    return rep
+
+
+def quality(dense, comp, adapter, ck: Checkpoint, texts: list[str], cfg: VerifyConfig, progress: bool) -> dict:
+    """Held-out quality of `comp` against `dense`: perplexity and next-token agreement (causal LMs) or the
+    embedding similarity structure (encoders); tokenised with the compressed checkpoint's tokenizer."""
+    tok = ck.tokenizer
+    if adapter.causal_lm:
+        q = lm_quality(dense, comp, tok, texts, cfg.ppl_window, device=cfg.device, progress=progress)
+    else:
+        max_len = min(128, adapter.max_positions(comp.config) or 128)
+        ed = embeddings(dense, adapter, tok, texts, max_len=max_len, device=cfg.device, progress=progress,
+                        desc="verify: dense quality")
+        ec = embeddings(comp, adapter, tok, texts, max_len=max_len, device=cfg.device, progress=progress,
+                        desc="verify: compressed quality")
+        q = similarity_quality(ed, ec)
+    q["n_text"] = len(texts)
+    return q

@@ -10,9 +10,15 @@ sparsified: they load as dense weights with zeros and run on a CSR matmul in eva
 import torch
 from torch import nn
 
+from .planner_common import (  # noqa: F401  (copied alongside)
+    PlannerCsrLinear,
+    _linear_like,
+    csr_like,
+    planner_layer_specs,
+    planner_portable_classes,
+    planner_sparsify_slots,
+)
 from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
-from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
-from .planner_common import planner_layer_specs, planner_portable_classes, planner_sparsify_slots
 
 
 class ResidualNorm(nn.Module):

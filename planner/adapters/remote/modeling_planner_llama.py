@@ -12,11 +12,17 @@ linears were sparsified: they load as dense weights with zeros and run on a CSR 
 """
 from torch import nn
 
-from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
-from .planner_common import PlannerCsrLinear, _linear_like, csr_like  # noqa: F401  (copied alongside)
-from .planner_common import planner_layer_specs, planner_portable_classes, planner_sparsify_slots
+from .planner_common import (  # noqa: F401  (copied alongside)
+    PlannerCsrLinear,
+    _linear_like,
+    csr_like,
+    planner_layer_specs,
+    planner_portable_classes,
+    planner_sparsify_slots,
+)
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedMLP  # noqa: F401
+from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
 
 
 def planner_head_dim(config):

@@ -1,0 +1,110 @@
+"""Text tables and one-line summaries of plans, verify reports and recovery, written once for the CLI, the jobs,
+the HTML report and the benchmarks. Every quality metric's name, format and direction lives in METRICS."""
+from __future__ import annotations
+
+import pandas as pd
+
+from ..types import LatencyProfile, Plan, RecoverReport, VerifyReport
+
+# metric -> (format, what it is, its value for the dense model itself: None where it has none)
+METRICS = {
+    "cosine": (".3f", "mean cosine of the dense and compressed embedding of each passage", 1.0),
+    "spearman": (".3f", "Spearman correlation of the pairwise-similarity matrices", 1.0),
+    "nn_agree": (".3f", "share of passages whose nearest neighbour is the same", 1.0),
+    "ppl_dense": (".2f", "perplexity of the dense model", None),
+    "ppl": (".2f", "perplexity of the compressed model", None),
+    "ppl_increase": ("+.1%", "relative perplexity increase", 0.0),
+    "top1_agree": (".3f", "share of positions where both models predict the same next token", 1.0),
+    "tokens_per_s": (".0f", "decode throughput of the compressed model", None),
+}
+# (every metric a row shows, the headline metrics): encoders / causal LMs
+QUALITY = {False: (("cosine", "spearman", "nn_agree"), ("spearman", "nn_agree")),
+           True: (("ppl", "ppl_increase", "top1_agree"), ("ppl_increase", "top1_agree"))}
+# plotted against speedup (the first two present)
+PLOTTED = ("spearman", "nn_agree", "cosine", "ppl_increase", "top1_agree")
+
+
+def fmt(metric: str, value) -> str:
+    return "n/a" if value is None else format(value, METRICS[metric][0])
+
+
+def layer_cell(plan_layer: dict, kind: str) -> str:
+    """"12" (kept width) or "1536@s90" (full width, the module's linears 90% sparse)."""
+    key = "heads" if kind == "attn" else "ffn"
+    sp = plan_layer.get(f"{kind}_sparsity", 0)
+    return f"{plan_layer[key]}" + (f"@s{sp * 100:g}" if sp else "")
+
+
+def format_plan_table(plans: list[Plan]) -> str:
+    """Per-layer kept heads / FFN width for each target, side by side."""
+    rows = ["layer " + " ".join(f"{p.target_speedup:>5g}x heads/ffn" for p in plans)]
+    for l in range(len(plans[0].layers)):
+        rows.append(f"{l:5d} " + " ".join(f"{layer_cell(p.layers[l], 'attn'):>8}/{layer_cell(p.layers[l], 'ffn'):<7}"
+                                          for p in plans))
+    rows.append("pred  " + " ".join(f"{p.predicted_speedup:>14.2f}x " for p in plans))
+    return "\n".join(rows)
+
+
+def result_row(plan: Plan, rep: VerifyReport) -> dict:
+    """One row of the main job's results table."""
+    return {"method": plan.method, "target": plan.target_speedup, "predicted": rep.predicted_speedup,
+            "measured": rep.measured_speedup, "pred/meas-1": rep.prediction_ratio - 1 if rep.prediction_ratio
+            else None, **{k: rep.quality[k] for k in METRICS if k in rep.quality},
+            "params_M": rep.sizes["compressed_params"] / 1e6}
+
+
+def format_results(df: pd.DataFrame, prof: LatencyProfile) -> str:
+    d = df.copy()
+    for c in ("predicted", "measured"):
+        d[c] = d[c].map(lambda x: f"{x:.2f}x" if x is not None else "n/a")
+    d["target"] = d["target"].map(lambda x: f"{x:g}x")
+    d["pred/meas-1"] = d["pred/meas-1"].map(lambda x: f"{x:+.1%}" if x is not None else "n/a")
+    for c in METRICS:
+        if c in d:
+            d[c] = d[c].map(lambda x, c=c: fmt(c, x))
+    d["params_M"] = d["params_M"].map(lambda x: f"{x:.1f}")
+    return f"Conditions: {prof.conditions}\n\n" + d.to_markdown(index=False)
+
+
+def format_family(df: pd.DataFrame, prof: LatencyProfile) -> str:
+    d = df.drop(columns=["model"]).copy()
+    d["target"] = d["target"].map(lambda x: f"{x:g}x")
+    for c in ("predicted", "measured"):
+        d[c] = d[c].map(lambda x: f"{x:.2f}x" if x is not None else "n/a")
+    d = d.dropna(axis=1, how="all")
+    return f"Conditions: {prof.conditions}\n\n" + d.to_markdown(index=False, floatfmt=".3f")
+
+
+def verify_lines(rep: VerifyReport) -> list[str]:
+    """What `planner verify` prints: speed in the regime, decode throughput, quality."""
+    pred = f"{rep.predicted_speedup:.2f}x" if rep.predicted_speedup else "n/a"
+    ratio = f"{rep.prediction_ratio:.3f}" if rep.prediction_ratio else "n/a"
+    q = rep.quality
+    unit = "ms/token step" if rep.conditions.get("mode") == "decode" else "ms"
+    lines = [f"{rep.conditions.get('mode', 'prefill')}: dense {rep.dense_time*1e3:.2f} {unit} | compressed "
+             f"{rep.compressed_time*1e3:.2f} {unit} | measured {rep.measured_speedup:.2f}x | predicted {pred} | "
+             f"predicted/measured {ratio}"]
+    if "tokens_per_s" in q:
+        lines.append(f"decode throughput: dense {q['dense_tokens_per_s']:.0f} tokens/s | compressed "
+                     f"{q['tokens_per_s']:.0f} tokens/s")
+    if "ppl" in q:
+        lines.append(f"quality on {q['n_tokens']} held-out tokens: perplexity dense {q['ppl_dense']:.2f} | compressed "
+                     f"{q['ppl']:.2f} ({q['ppl_increase']:+.1%}) | next-token agreement {q['top1_agree']:.3f}")
+    else:
+        lines.append(f"quality on {q['n_text']} held-out passages: " +
+                     " | ".join(f"{m} {fmt(m, q[m])}" for m in QUALITY[False][0]))
+    return lines
+
+
+def held_back(d: dict) -> str:
+    """A recovery evaluation (RecoverReport.before / after, or one history row) in a few words."""
+    if "val_spearman" in d:
+        return f"spearman {d['val_spearman']:.3f}, nn_agree {d['val_nn_agree']:.3f}, loss {d['val_total']:.4f}"
+    if "val_ppl" in d:
+        return f"perplexity {d['val_ppl']:.2f}, loss {d['val_total']:.4f}"
+    return f"loss {d.get('val_total', float('nan')):.4f}"
+
+
+def recover_summary(rep: RecoverReport) -> str:
+    return (f"{rep.out}: {rep.steps} steps ({rep.epochs:.1f} epochs) in {rep.train_time/60:.1f} min, stopped by "
+            f"{rep.stop}; held-back passages: one-shot {held_back(rep.before)} -> recovered {held_back(rep.after)}")
