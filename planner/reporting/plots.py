@@ -7,12 +7,21 @@ model family. Times are plotted in milliseconds.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from ..types import LatencyProfile, Plan, VerifyReport
 from .tables import METRICS, PLOTTED
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kw) -> "Figure":
+    """A matplotlib Figure without pyplot (no global state); matplotlib loads when a plot is first drawn."""
+    from matplotlib.figure import Figure
+    return Figure(layout="constrained", **kw)
 
 # one colour per method, stable across figures (planner first, baselines after)
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -27,7 +36,7 @@ def _method_colors(methods) -> dict:
 def latency_curves(prof: LatencyProfile) -> Figure:
     """Module time vs kept width for attention (heads) and FFN (neurons): the measured medians with their
     spread as error bars, and the de-noised monotone curve the solver uses."""
-    fig = Figure(figsize=(16 if prof.sparse else 11, 4), layout="constrained")
+    fig = _figure(figsize=(16 if prof.sparse else 11, 4))
     axes = fig.subplots(1, 3 if prof.sparse else 2)
     if prof.sparse:
         _sparse_panel(axes[2], prof)
@@ -71,7 +80,7 @@ def self_check(prof: LatencyProfile) -> Figure | None:
     meas = np.array([x["measured"] for x in v]) * 1e3
     add = np.array([x["additive"] for x in v]) * 1e3
     pred = np.array([x["predicted"] for x in v]) * 1e3
-    fig = Figure(figsize=(5.2, 4.6), layout="constrained")
+    fig = _figure(figsize=(5.2, 4.6))
     ax = fig.subplots()
     lo, hi = 0.0, max(meas.max(), add.max(), pred.max(), base * 1e3) * 1.05
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="ideal")
@@ -97,7 +106,7 @@ def plan_widths(plans: list[Plan]) -> Figure:
     base = [p for p in plans if p.method != "planner"]
     shown = own or sorted(plans, key=lambda p: p.target_speedup)
     n_layers = len(shown[0].layers)
-    fig = Figure(figsize=(12, 4), layout="constrained")
+    fig = _figure(figsize=(12, 4))
     axes = fig.subplots(1, 2)
     x = np.arange(n_layers)
     width = 0.8 / len(shown)
@@ -141,7 +150,7 @@ def frontier(reports: list[tuple[str, float, VerifyReport]], metrics=None) -> Fi
         keys = {k for _, _, r in reports for k, v in r.quality.items() if isinstance(v, (int, float))}
         metrics = [m for m in PLOTTED if m in keys][:2] or sorted(keys - {"n_text", "speedup_spread"})[:2]
     colors = _method_colors(by)
-    fig = Figure(figsize=(5.5 * len(metrics), 4.4), layout="constrained")
+    fig = _figure(figsize=(5.5 * len(metrics), 4.4))
     axes = np.atleast_1d(fig.subplots(1, len(metrics)))
     for ax, metric in zip(axes, metrics):
         for m, rows in by.items():
@@ -169,7 +178,7 @@ def predicted_vs_measured(reports: list[tuple[str, float, VerifyReport]]) -> Fig
     if not pts:
         return None
     colors = _method_colors(by)
-    fig = Figure(figsize=(5.2, 4.6), layout="constrained")
+    fig = _figure(figsize=(5.2, 4.6))
     ax = fig.subplots()
     hi = max(max(r.predicted_speedup, r.measured_speedup) for _, _, r in pts) * 1.08
     lo = 1.0

@@ -2,9 +2,12 @@
 the HTML report and the benchmarks. Every quality metric's name, format and direction lives in METRICS."""
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..types import LatencyProfile, Plan, RecoverReport, VerifyReport
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # metric -> (format, what it is, its value for the dense model itself: None where it has none)
 METRICS = {

@@ -103,10 +103,13 @@ def planner_layer_specs(layers, config):
 
 
 def planner_portable_classes(namespace, module, families, heads, reshape_model, prepare=None):
-    """Define Planner<Family><Head> in `namespace` for every such transformers class: the base class whose
-    __init__ then runs `prepare(model)` (if given) and `reshape_model(model, config)`, so the checkpoint's
-    per-layer shapes exist before its weights load."""
+    """Make Planner<Family><Head> available in `namespace` for every such transformers class: the base class
+    whose __init__ then runs `prepare(model)` (if given) and `reshape_model(model, config)`, so the checkpoint's
+    per-layer shapes exist before its weights load. Each class is made when first asked for (the module's
+    __getattr__), so importing a model file does not import every transformers model it could extend."""
     import transformers
+
+    names = {"Planner" + f + h for f in families for h in heads}
 
     def make(base_cls):
         def __init__(self, config, *args, **kwargs):
@@ -114,13 +117,16 @@ def planner_portable_classes(namespace, module, families, heads, reshape_model, 
             if prepare is not None:
                 prepare(self)
             reshape_model(self, config)
-        attrs = {"__init__": __init__, "__module__": module}
-        return type("Planner" + base_cls.__name__, (base_cls,), attrs)
+        return type("Planner" + base_cls.__name__, (base_cls,), {"__init__": __init__, "__module__": module})
 
-    for f in families:
-        for h in heads:
-            if hasattr(transformers, f + h):
-                namespace["Planner" + f + h] = make(getattr(transformers, f + h))
+    def __getattr__(name):
+        base = getattr(transformers, name[len("Planner"):], None) if name in names else None
+        if base is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        namespace[name] = make(base)
+        return namespace[name]
+
+    namespace["__getattr__"] = __getattr__
 
 
 def planner_reshape_by_slots(layer, heads, ffn, head_dim, attn_sparsity, ffn_sparsity, slots, remove_, set_heads_):
