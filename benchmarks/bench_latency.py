@@ -20,12 +20,12 @@ from pathlib import Path
 import pandas as pd
 
 from planner import api, hardware
-from planner.stages import profile as profiler
 from planner.config import PlanConfig
 from planner.jobs.run import default_model
+from planner.stages import profile as profiler
 from planner.stages.plan import uniform_plan
-from planner.types import LatencyProfile, Plan
 from planner.stages.verify import measure_speedup
+from planner.types import LatencyProfile, Plan
 
 
 def main():

@@ -17,11 +17,11 @@ import argparse
 import shutil
 from pathlib import Path
 
+import tinylm
 import torch
 
-from planner.jobs import run as pipeline
-import tinylm
 from planner.config import PlanConfig, ProfileConfig, VerifyConfig
+from planner.jobs import run as pipeline
 from planner.stages.profile import default_profile_path
 from planner.types import LatencyProfile
 

@@ -45,9 +45,9 @@ def batches(n_tokens: int, vocab: int, window: int = 128, batch: int = 8) -> lis
 
 
 def stage(name: str, model_dir: Path, work: Path, n_tokens: int) -> dict:
+    from planner.adapters.checkpoint import load_model
     from planner.stages.apply import apply_
     from planner.stages.database import DatabaseConfig, build
-    from planner.adapters.checkpoint import load_model
     from planner.types import Plan
     t0 = time.perf_counter()
     model, adapter = load_model(model_dir)

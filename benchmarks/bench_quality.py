@@ -21,13 +21,13 @@ import pandas as pd
 import torch
 
 from planner import api
+from planner.adapters.checkpoint import load_model, load_tokenizer
 from planner.config import PlanConfig
 from planner.data import HELDOUT, read_lines, sample
-from planner.adapters.checkpoint import load_model, load_tokenizer
 from planner.jobs.run import default_model
 from planner.stages.plan import uniform_plan
-from planner.types import LatencyProfile
 from planner.stages.verify import embeddings, similarity_quality
+from planner.types import LatencyProfile
 
 VARIANTS = {
     "A zipLM-faithful": dict(val_fraction=0.0, error_norm="module", weights="obs"),

@@ -31,13 +31,13 @@ import pandas as pd
 import torch
 
 from planner import api, hardware, io
+from planner.adapters.checkpoint import load_model, load_tokenizer
 from planner.config import RecoverConfig
 from planner.data import HELDOUT, read_lines, sample
-from planner.adapters.checkpoint import load_model, load_tokenizer
 from planner.stages.regimes import latency_call
+from planner.stages.verify import embeddings, lm_quality, similarity_quality
 from planner.timing import median, spread, time_calls
 from planner.types import LatencyProfile, Plan
-from planner.stages.verify import embeddings, lm_quality, similarity_quality
 
 # held-out metrics per model kind: (keys shown in the table and the plot, plot titles)
 METRICS = {False: (("spearman", "nn_agree", "cosine"), ("Spearman of pairwise similarity",

@@ -17,8 +17,8 @@ import torch
 
 from planner import hardware
 from planner.adapters.checkpoint import _config_dict
-from planner.jobs.run import default_model
 from planner.algorithms.sparse import kernel_for, sparse_like
+from planner.jobs.run import default_model
 
 
 def _time(fn, device):

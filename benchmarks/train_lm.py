@@ -14,10 +14,10 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+import tinylm
 from tabulate import tabulate
 
 from planner import io
-import tinylm
 
 
 def _parse_set(items: list[str]) -> dict:

@@ -14,19 +14,7 @@ The package is layered (tests/test_layering.py keeps it so): algorithms (pure nu
 (model families) <- stages (profile, database, plan, apply, verify, recover) <- reporting <- jobs (run,
 compress) <- api <- cli. Configs, results, errors and IO are shared by all of them.
 """
-from .api import (
-           apply,
-           apply_recover,
-           build_database,
-           compress,
-           load,
-           plan,
-           profile,
-           recover,
-           report,
-           run,
-           verify,
-)
+from .api import apply, apply_recover, build_database, compress, load, plan, profile, recover, report, run, verify
 from .config import PlanConfig, ProfileConfig, RecoverConfig, RunConfig, VerifyConfig
 from .errors import PlannerError
 from .reporting import plots

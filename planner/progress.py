@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tqdm import (
-    tqdm,  # not tqdm.auto: bars are off in notebooks (no TTY), so no widget warning
-)
+from tqdm import tqdm  # not tqdm.auto: bars are off in notebooks (no TTY), so no widget warning
 
 
 def enabled(progress: bool = True) -> bool:

@@ -6,8 +6,8 @@ import torch
 import transformers
 
 from planner.adapters import get_adapter, supported_model_types
-from planner.errors import UnsupportedModel
 from planner.adapters.checkpoint import load_model
+from planner.errors import UnsupportedModel
 
 from .conftest import inputs, make_tiny, mask_removed_
 

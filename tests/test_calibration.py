@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from planner import data
+from planner.adapters.checkpoint import load_model
 from planner.stages.calibration import block_call, capture_block_inputs, real_tokens, to_device
 from planner.stages.database import DatabaseConfig, build
-from planner.adapters.checkpoint import load_model
 
 from .conftest import make_tiny
 

@@ -9,14 +9,14 @@ import transformers
 from transformers.pytorch_utils import Conv1D
 
 import planner
-from planner.stages import profile as profiler
 from planner.adapters import adapter_for, get_adapter
-from planner.adapters.remote.planner_compat import cache_kwargs, output_cache
-from planner.stages.apply import apply_
-from planner.config import PlanConfig, ProfileConfig, VerifyConfig
-from planner.stages.database import DatabaseConfig, build
-from planner.errors import UnsupportedModel
 from planner.adapters.checkpoint import load_model, save_portable
+from planner.adapters.remote.planner_compat import cache_kwargs, output_cache
+from planner.config import PlanConfig, ProfileConfig, VerifyConfig
+from planner.errors import UnsupportedModel
+from planner.stages import profile as profiler
+from planner.stages.apply import apply_
+from planner.stages.database import DatabaseConfig, build
 from planner.types import Plan
 
 from .conftest import _vocab, mask_removed_, save_perturbed

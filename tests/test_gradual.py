@@ -6,9 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 import planner
+from planner.adapters.checkpoint import load_model
 from planner.cli import main
 from planner.config import PlanConfig
-from planner.adapters.checkpoint import load_model
 from planner.types import LatencyProfile, Plan, RecoverReport, VerifyReport
 
 FAST = ["--rounds", "1", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]

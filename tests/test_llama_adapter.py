@@ -13,12 +13,12 @@ import transformers
 from torch import nn
 
 import planner
-from planner.stages import database
 from planner.adapters import get_adapter
-from planner.adapters.remote.planner_compat import cache_kwargs, output_cache
-from planner.adapters.remote import modeling_planner_llama as remote
-from planner.stages.apply import apply_
 from planner.adapters.checkpoint import load_model, n_params, save_portable
+from planner.adapters.remote import modeling_planner_llama as remote
+from planner.adapters.remote.planner_compat import cache_kwargs, output_cache
+from planner.stages import database
+from planner.stages.apply import apply_
 from planner.stages.profile import _variant, dense_model_from_config
 from planner.types import Plan
 

@@ -11,10 +11,10 @@ import torch
 import transformers
 
 import planner
+from planner.algorithms.solver import solve
 from planner.config import PlanConfig, ProfileConfig
 from planner.stages.database import Database
 from planner.stages.plan import options
-from planner.algorithms.solver import solve
 
 from .test_solver import brute_force
 

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import planner
-from planner.stages import distill as R
+from planner.adapters.checkpoint import load_model, save_portable
 from planner.cli import main
 from planner.config import RecoverConfig
 from planner.data import read_lines
-from planner.adapters.checkpoint import load_model, save_portable
+from planner.stages import distill as R
 from planner.types import RecoverReport
 
 from .conftest import inputs, make_tiny

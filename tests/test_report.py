@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
 
-from planner.reporting import plots
 from planner import progress
-from planner.reporting import html as report
 from planner.cli import main
 from planner.errors import PlannerError
+from planner.reporting import html as report
+from planner.reporting import plots
 from planner.types import LatencyProfile
 
 RUN = ["-b", "8", "-s", "128", "--rounds", "1", "--threads", "1", "--n-calib", "64"]

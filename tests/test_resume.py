@@ -2,9 +2,9 @@
 import pytest
 
 import planner
-from planner.stages import database
 from planner.config import PlanConfig, ProfileConfig
 from planner.io import read_json
+from planner.stages import database
 
 from .conftest import make_tiny
 

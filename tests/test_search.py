@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 import planner
-from planner.cli import main
-from planner.config import PlanConfig, ProfileConfig
 from planner.algorithms.search import search
 from planner.algorithms.solver import solve
+from planner.cli import main
+from planner.config import PlanConfig, ProfileConfig
 
 
 def _toy(seed=0, G=6, n_opt=5):

@@ -7,10 +7,10 @@ import torch
 from click.testing import CliRunner
 
 import planner
-from planner.stages import profile as profiler
+from planner.algorithms.sparse import CsrLinear, csr_like, density, random_mask, sparse_like
 from planner.cli import main
 from planner.config import ProfileConfig
-from planner.algorithms.sparse import CsrLinear, csr_like, density, random_mask, sparse_like
+from planner.stages import profile as profiler
 from planner.types import LatencyProfile
 
 from .test_types import _profile

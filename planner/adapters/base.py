@@ -32,6 +32,13 @@ def cols_of(lin: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None) -> n
     return new
 
 
+def already_removed(removed: bool, kept, kind: str) -> bool:
+    """Whether module `kind` is already removed; a removed module cannot grow back, so nothing may be kept."""
+    if removed:
+        assert len(kept) == 0, f"cannot grow a removed {kind} module"
+    return removed
+
+
 def unit_indices(kept: torch.Tensor, width: int) -> torch.Tensor:
     """Column (or row) indices of the kept units, each `width` adjacent indices: (len(kept)*width,)."""
     return (kept[:, None] * width + torch.arange(width)).reshape(-1)
@@ -62,9 +69,14 @@ class Adapter:
     NotImplementedError here; the rest have defaults that fit most families."""
     family: str = ""
     model_types: tuple[str, ...] = ()
-    remote_file: str = ""          # file in adapters/remote copied next to saved weights
-    remote = None                  # that file as a module: the portable classes saved models load into
+    remote = None                  # the family's file in adapters/remote as a module: the portable classes saved
+                                   # models load into; copied next to saved weights
     causal_lm: bool = False        # decoder LM: prefill / decode latency regimes, perplexity, token windows
+
+    @property
+    def remote_file(self) -> str:
+        """The name of the family's model file, copied next to saved weights."""
+        return self.remote.__name__.rpartition(".")[2] + ".py"
 
     def prepare_(self, model: nn.Module) -> nn.Module:
         """Called once on every loaded or profiled model, before anything else looks at it: bring it into the
@@ -110,8 +122,9 @@ class Adapter:
 
     def linear_slots(self, layer: nn.Module, kind: str) -> list[tuple[nn.Module, str]]:
         """Every linear of module `kind` as (parent, attribute name), so it can be swapped for another
-        implementation (a sparse kernel); [] if the module is removed."""
-        raise NotImplementedError
+        implementation (a sparse kernel), the consumer last; [] if the module is removed: the remote file's
+        `planner_slots`, which every family's model file provides."""
+        return self.remote.planner_slots(layer, kind)
 
     def sparsify_(self, layer: nn.Module, kind: str, level: float, weights: list[torch.Tensor] | None = None) -> None:
         """Run module `kind`'s linears (linear_slots order) on the portable sparse kernel at `level`, with

@@ -10,7 +10,7 @@ import torch
 
 from ..types import ArchShape
 from . import register
-from .base import Adapter, LayerSpec, cols_of, mean_pool, rows_of, unit_indices
+from .base import Adapter, LayerSpec, already_removed, cols_of, mean_pool, rows_of, unit_indices
 from .remote import modeling_planner_bert as remote
 
 # class name of a plain transformers model -> the Auto class that should load its pruned version
@@ -28,7 +28,6 @@ _AUTO_FOR_SUFFIX = {
 class BertAdapter(Adapter):
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta", "electra")
-    remote_file = "modeling_planner_bert.py"
     remote = remote
 
     def base(self, model):
@@ -62,11 +61,6 @@ class BertAdapter(Adapter):
             return None if isinstance(layer.attention, remote.RemovedAttention) else layer.attention.output.dense
         return None if isinstance(layer.intermediate, remote.RemovedIntermediate) else layer.output.dense
 
-    def linear_slots(self, layer, kind):
-        if self.consumer(layer, kind) is None:
-            return []
-        return remote.planner_sparse_slots(layer, kind)
-
     def residual_norm_input(self, layer, kind):
         return layer.attention.output.LayerNorm if kind == "attn" else layer.output.LayerNorm
 
@@ -75,8 +69,7 @@ class BertAdapter(Adapter):
         eps, d = config.layer_norm_eps, config.hidden_size
         if kind == "attn":
             attn = layer.attention
-            if isinstance(attn, remote.RemovedAttention):
-                assert len(kept) == 0, "cannot grow a removed attention module"
+            if already_removed(isinstance(attn, remote.RemovedAttention), kept, kind):
                 return
             if len(kept) == 0:
                 new = remote.RemovedAttention(d, eps).to(attn.output.dense.weight.device, attn.output.dense.weight.dtype)
@@ -92,8 +85,7 @@ class BertAdapter(Adapter):
             sa.all_head_size = len(cols)
             attn.output.dense = cols_of(attn.output.dense, cols, consumer_weight)
         else:
-            if isinstance(layer.intermediate, remote.RemovedIntermediate):
-                assert len(kept) == 0, "cannot grow a removed FFN"
+            if already_removed(isinstance(layer.intermediate, remote.RemovedIntermediate), kept, kind):
                 return
             if len(kept) == 0:
                 out = layer.output

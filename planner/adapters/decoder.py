@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UnsupportedModel
 from ..types import ArchShape
-from .base import Adapter, LayerSpec, cols_of, mean_pool, rows_of, unit_indices
+from .base import Adapter, LayerSpec, already_removed, cols_of, mean_pool, rows_of, unit_indices
 
 
 def _head_dim(config) -> int:
@@ -29,7 +29,11 @@ def _stacked(rows: torch.Tensor, lin, width: int) -> torch.Tensor:
 
 class DecoderAdapter(Adapter):
     causal_lm = True
-    lm_suffix = ""                    # class name suffix of the LM-head model ("LMHeadModel", "ForCausalLM")
+
+    @property
+    def lm_suffix(self) -> str:
+        """Class name suffix of the LM-head model ("LMHeadModel", "ForCausalLM"): the remote file's last head."""
+        return self.remote._HEADS[-1]
 
     def forward_kwargs(self):
         return {"use_cache": False}
@@ -70,14 +74,10 @@ class DecoderAdapter(Adapter):
         slots = self.linear_slots(layer, kind)
         return getattr(*slots[-1]) if slots else None
 
-    def linear_slots(self, layer, kind):
-        return self.remote.planner_slots(layer, kind)
-
     def shrink_(self, layer, kind, kept, consumer_weight, config):
         kept = torch.as_tensor(kept, dtype=torch.long).sort().values
         slots = self.linear_slots(layer, kind)
-        if not slots:
-            assert len(kept) == 0, f"cannot grow a removed {kind} module"
+        if already_removed(not slots, kept, kind):
             return
         (cp, cn), consumer = slots[-1], getattr(*slots[-1])
         if len(kept) == 0:

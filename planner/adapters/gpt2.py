@@ -17,9 +17,7 @@ from .remote import modeling_planner_gpt2 as remote
 class GPT2Adapter(DecoderAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
-    remote_file = "modeling_planner_gpt2.py"
     remote = remote
-    lm_suffix = "LMHeadModel"
 
     def check_config(self, config):
         super().check_config(config)

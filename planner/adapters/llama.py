@@ -13,7 +13,7 @@ import torch
 
 from ..types import ArchShape
 from . import register
-from .base import LayerSpec, cols_of, rows_of, unit_indices
+from .base import LayerSpec, already_removed, cols_of, rows_of, unit_indices
 from .decoder import DecoderAdapter
 from .remote import modeling_planner_llama as remote
 
@@ -23,9 +23,7 @@ class LlamaAdapter(DecoderAdapter):
     and gated FFN."""
     family = "llama"
     model_types = ("llama", "mistral", "qwen2")
-    remote_file = "modeling_planner_llama.py"
     remote = remote
-    lm_suffix = "ForCausalLM"
 
     def prepare_(self, model):
         return model                                              # loads as the algorithms expect it
@@ -55,11 +53,6 @@ class LlamaAdapter(DecoderAdapter):
             return None if isinstance(layer.self_attn, remote.RemovedAttention) else layer.self_attn.o_proj
         return None if isinstance(layer.mlp, remote.RemovedMLP) else layer.mlp.down_proj
 
-    def linear_slots(self, layer, kind):
-        if self.consumer(layer, kind) is None:
-            return []
-        return remote.planner_sparse_slots(layer, kind)
-
     def residual_norm_input(self, layer, kind):
         if kind == "attn":
             return layer.post_attention_layernorm                 # an identity once the FFN is removed: still a module
@@ -73,8 +66,7 @@ class LlamaAdapter(DecoderAdapter):
         kept = torch.as_tensor(kept, dtype=torch.long).sort().values
         if kind == "attn":
             sa = layer.self_attn
-            if isinstance(sa, remote.RemovedAttention):
-                assert len(kept) == 0, "cannot grow a removed attention module"
+            if already_removed(isinstance(sa, remote.RemovedAttention), kept, kind):
                 return
             if len(kept) == 0:
                 self._remove(remote.planner_remove_attention(layer, sa.layer_idx, config.hidden_size), sa.o_proj)
@@ -87,8 +79,7 @@ class LlamaAdapter(DecoderAdapter):
             sa.o_proj = cols_of(sa.o_proj, q_cols, consumer_weight)
         else:
             mlp = layer.mlp
-            if isinstance(mlp, remote.RemovedMLP):
-                assert len(kept) == 0, "cannot grow a removed FFN"
+            if already_removed(isinstance(mlp, remote.RemovedMLP), kept, kind):
                 return
             if len(kept) == 0:
                 self._remove(remote.planner_remove_mlp(layer, config.hidden_size), mlp.down_proj)

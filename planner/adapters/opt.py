@@ -21,9 +21,7 @@ from .remote import modeling_planner_opt as remote
 class OPTAdapter(DecoderAdapter):
     family = "opt"
     model_types = ("opt",)
-    remote_file = "modeling_planner_opt.py"
     remote = remote
-    lm_suffix = "ForCausalLM"
 
     def ffn_width(self, config):
         return config.ffn_dim

@@ -23,14 +23,7 @@ from ..config import PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import KINDS, Plan
-from .calibration import (
-    BlockInputs,
-    block_call,
-    calibration_batches,
-    capture_block_inputs,
-    real_tokens,
-    run_block,
-)
+from .calibration import BlockInputs, block_call, calibration_batches, capture_block_inputs, real_tokens, run_block
 from .database import Database, sparse_weights
 
 

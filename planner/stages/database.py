@@ -31,13 +31,7 @@ from ..config import DatabaseConfig, PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import KINDS, LatencyProfile
-from .calibration import (
-    BlockInputs,
-    block_call,
-    capture_block_inputs,
-    real_tokens,
-    run_block,
-)
+from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
 
 SCHEMA_VERSION = 1
 

@@ -17,12 +17,7 @@ import numpy as np
 import torch
 
 from .. import data, hardware, io
-from ..adapters.checkpoint import (
-    Checkpoint,
-    check_pair,
-    is_planner_model,
-    save_portable,
-)
+from ..adapters.checkpoint import Checkpoint, check_pair, is_planner_model, save_portable
 from ..config import RecoverConfig
 from ..errors import PlannerError
 from ..types import Plan, RecoverReport

@@ -94,9 +94,7 @@ def embeddings(model, adapter, tokenizer, texts, batch_size=32, max_len=128, dev
 
 def similarity_quality(e_dense: torch.Tensor, e_comp: torch.Tensor) -> dict:
     """Agreement between two embeddings of the same passages (rows aligned)."""
-    from scipy.stats import (
-        spearmanr,  # scipy.stats loads in ~1 s: only when quality is scored
-    )
+    from scipy.stats import spearmanr  # scipy.stats loads in ~1 s: only when quality is scored
     cos = float((e_dense * e_comp).sum(-1).mean())
     sd, sc = (e_dense @ e_dense.T).numpy(), (e_comp @ e_comp.T).numpy()          # (N, N)
     iu = np.triu_indices(len(sd), k=1)

@@ -10,14 +10,7 @@ sparsified: they load as dense weights with zeros and run on a CSR matmul in eva
 import torch
 from torch import nn
 
-from .planner_common import (  # noqa: F401  (copied alongside)
-    PlannerCsrLinear,
-    _linear_like,
-    csr_like,
-    planner_layer_specs,
-    planner_portable_classes,
-    planner_sparsify_slots,
-)
+from .planner_common import _linear_like, planner_layer_specs, planner_portable_classes, planner_sparsify_slots
 from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
 
 
@@ -50,12 +43,16 @@ class RemovedIntermediate(nn.Module):
         return None
 
 
-def planner_sparse_slots(layer, kind):
-    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a BERT layer."""
+def planner_slots(layer, kind):
+    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a BERT layer, the consumer last; [] if
+    removed."""
     if kind == "attn":
+        if isinstance(layer.attention, RemovedAttention):
+            return []
         sa = layer.attention.self
         return [(sa, "query"), (sa, "key"), (sa, "value"), (layer.attention.output, "dense")]
-    return [(layer.intermediate, "dense"), (layer.output, "dense")]
+    return [] if isinstance(layer.intermediate, RemovedIntermediate) else [(layer.intermediate, "dense"),
+                                                                            (layer.output, "dense")]
 
 
 def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_sparsity=0.0):
@@ -86,7 +83,7 @@ def planner_reshape_layer(layer, heads, ffn, config, attn_sparsity=0.0, ffn_spar
     elif layer.intermediate.dense.out_features != ffn:
         layer.intermediate.dense = _linear_like(layer.intermediate.dense, out_features=ffn)
         layer.output.dense = _linear_like(layer.output.dense, in_features=ffn)
-    planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, planner_sparse_slots)
+    planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, planner_slots)
 
 
 def planner_reshape_model(model, config):

@@ -19,11 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedMLP  # noqa: F401
-from .planner_common import (
-    planner_layer_specs,
-    planner_portable_classes,
-    planner_reshape_by_slots,
-)
+from .planner_common import planner_layer_specs, planner_portable_classes, planner_reshape_by_slots
 from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
 
 

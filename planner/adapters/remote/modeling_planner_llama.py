@@ -12,16 +12,9 @@ linears were sparsified: they load as dense weights with zeros and run on a CSR 
 """
 from torch import nn
 
-from .planner_common import (  # noqa: F401  (copied alongside)
-    PlannerCsrLinear,
-    _linear_like,
-    csr_like,
-    planner_layer_specs,
-    planner_portable_classes,
-    planner_sparsify_slots,
-)
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedMLP  # noqa: F401
+from .planner_common import _linear_like, planner_layer_specs, planner_portable_classes, planner_sparsify_slots
 from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
 
 
@@ -29,13 +22,15 @@ def planner_head_dim(config):
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def planner_sparse_slots(layer, kind):
-    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a decoder layer; the consumer is last."""
+def planner_slots(layer, kind):
+    """(parent, name) of every linear of `kind` ("attn" or "ffn") in a decoder layer, the consumer last; [] if
+    removed."""
     if kind == "attn":
         sa = layer.self_attn
-        return [(sa, "q_proj"), (sa, "k_proj"), (sa, "v_proj"), (sa, "o_proj")]
+        return [] if isinstance(sa, RemovedAttention) else [(sa, "q_proj"), (sa, "k_proj"), (sa, "v_proj"),
+                                                             (sa, "o_proj")]
     mlp = layer.mlp
-    return [(mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
+    return [] if isinstance(mlp, RemovedMLP) else [(mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
 
 
 def planner_remove_attention(layer, layer_idx, hidden):
@@ -77,7 +72,7 @@ def planner_reshape_layer(layer, layer_idx, heads, ffn, config, attn_sparsity=0.
         mlp.gate_proj = _linear_like(mlp.gate_proj, out_features=ffn)
         mlp.up_proj = _linear_like(mlp.up_proj, out_features=ffn)
         mlp.down_proj = _linear_like(mlp.down_proj, in_features=ffn)
-    planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, planner_sparse_slots)
+    planner_sparsify_slots(layer, heads, ffn, attn_sparsity, ffn_sparsity, planner_slots)
 
 
 def planner_reshape_model(model, config):

@@ -13,11 +13,7 @@ from torch import nn
 
 from .planner_common import RemovedDecoderAttention as RemovedAttention  # noqa: F401
 from .planner_common import RemovedProjection as RemovedFc2  # noqa: F401
-from .planner_common import (
-    planner_layer_specs,
-    planner_portable_classes,
-    planner_reshape_by_slots,
-)
+from .planner_common import planner_layer_specs, planner_portable_classes, planner_reshape_by_slots
 from .planner_compat import cache_from_kwargs  # noqa: F401  (imported here so that it is copied alongside)
 
 
