@@ -1,7 +1,7 @@
 """How much does distillation recover, how fast, and does it leave the speed alone?
 
     python benchmarks/bench_recover.py [--run runs/b8-v3] [--targets 2 3] [--budgets 2.5 5 10] [--threads 2]
-                                       [--work runs/recover-bench] [--set lr=2e-4 --set concat=0.5 ...]
+                                       [--work runs/recover-bench] [--recover-lr 2e-4 --recover-concat 0.5 ...]
     python benchmarks/bench_recover.py --run runs/bench-lm/decode --targets 2 --work runs/recover-lm
                                        [--lm-train-passages 20000]
 
@@ -13,7 +13,7 @@ clock stopped, which gives quality against recovery time:
   encoders     similarity of 512 passages of `planner/data/heldout.txt` (seed 1, as `planner verify`) to the
                dense model's: Spearman of pairwise similarity, nearest-neighbour agreement, cosine;
   causal LMs   perplexity and next-token agreement with the dense model on RUN/../heldout.txt (bench_lm's
-               generated held-out passages); the training text, unless --set data_path=..., is passages of the
+               generated held-out passages); the training text, unless --recover-data is given, is passages of the
                tiny LM's own training generator (tinylm), never the held-out seed.
 Then dense, one-shot and recovered models are timed in one interleaved run (rotating order) in the regime and
 at the batch x seq of the run's profile, to show that recovery leaves the measured speedup where it was.
@@ -22,10 +22,10 @@ Writes WORK/results.json, WORK/results.md and WORK/quality-vs-time.png.
 """
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import fields
 from pathlib import Path
+
+import click
 
 import pandas as pd
 import torch
@@ -36,7 +36,8 @@ from planner.config import RecoverConfig
 from planner.data import HELDOUT, read_lines, sample
 from planner.stages.regimes import latency_call
 from planner.stages.verify import embeddings, lm_quality, similarity_quality
-from planner.timing import median, spread, time_calls
+from planner.cli import config_from, config_options
+from planner.timing import interleaved, median, spread, time_calls
 from planner.types import LatencyProfile, Plan
 
 # held-out metrics per model kind: (keys shown in the table and the plot, plot titles)
@@ -46,30 +47,13 @@ METRICS = {False: (("spearman", "nn_agree", "cosine"), ("Spearman of pairwise si
                                                           "next-token agreement with the dense model"))}
 
 
-def _parse_set(items: list[str]) -> dict:
-    types = {f.name: f.type for f in fields(RecoverConfig)}
-    out = {}
-    for it in items:
-        k, v = it.split("=", 1)
-        if k not in types:
-            raise SystemExit(f"unknown RecoverConfig field {k}")
-        out[k] = None if v == "None" else (v.lower() in ("1", "true", "yes")) if "bool" in str(types[k]) else \
-            int(v) if types[k] in ("int", "int | None") else float(v) if "float" in str(types[k]) else v
-    return out
-
-
 def time_three(models: dict, adapter, prof: LatencyProfile, reps: int) -> dict:
     """Median seconds per timed call (the profile's regime, batch and seq) of each model, in rotating order."""
     fns = {k: latency_call(m, adapter, prof.mode, prof.batch_size, prof.seq_len) for k, m in models.items()}
     with torch.inference_mode():
         for f in fns.values():
-            time_calls(f, 1, 2)
-        acc = {k: [] for k in fns}
-        names = list(fns)
-        for r in range(reps):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for k in (order if r % 2 == 0 else order[::-1]):
-                acc[k].extend(time_calls(fns[k], 1, 0))
+            time_calls(f, 0, 2)
+        acc = dict(zip(fns, interleaved(list(fns.values()), reps)))
     return {k: {"median": median(v), "spread": spread(v)} for k, v in acc.items()} | {"_raw": acc}
 
 
@@ -84,41 +68,42 @@ def _heldout(model_path, adapter, run: Path, dense):
     return lambda model: similarity_quality(e_dense, embeddings(model, adapter, tok, texts))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/b8-v3", help="a `planner run` directory (models/planner-<t>x, profile)")
-    ap.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0])
-    ap.add_argument("--minutes", type=float, default=10.0, help="recovery budget per target")
-    ap.add_argument("--budgets", type=float, nargs="*", default=None,
-                    help="separate runs with these budgets (minutes; the longest also gives the curve)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=15, help="interleaved timing rounds")
-    ap.add_argument("--work", default="runs/recover-bench")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="RecoverConfig field=value")
-    ap.add_argument("--no-timing", action="store_true", help="skip the speed measurement (probes)")
-    ap.add_argument("--lm-train-passages", type=int, default=20000,
-                    help="causal LMs without --set data_path: generated training passages (tinylm)")
-    a = ap.parse_args()
+@click.command(help=__doc__)
+@click.option("--run", "run_dir", default="runs/b8-v3", help="a `planner run` directory (models/planner-<t>x, profile)")
+@click.option("--targets", type=float, multiple=True, default=(2.0, 3.0))
+@click.option("--budgets", type=float, multiple=True, default=(10.0,),
+              help="separate runs with these budgets (minutes; the longest also gives the curve)")
+@click.option("--threads", type=int, default=2)
+@click.option("--reps", type=int, default=15, help="interleaved timing rounds")
+@click.option("--work", default="runs/recover-bench")
+@click.option("--no-timing", is_flag=True, help="skip the speed measurement (probes)")
+@click.option("--lm-train-passages", type=int, default=20000,
+              help="causal LMs without --recover-data: generated training passages (tinylm)")
+@config_options("bench_recover", RecoverConfig, prefix="recover-", exclude=("minutes", "threads"))
+def main(run_dir, targets, budgets, threads, reps, work, no_timing, lm_train_passages, **kw):
+    a = type("Args", (), {"run": run_dir, "targets": targets, "budgets": budgets, "minutes": max(budgets),
+                          "threads": threads, "reps": reps, "work": work, "no_timing": no_timing,
+                          "lm_train_passages": lm_train_passages})
     hardware.set_threads(a.threads)
     run, work = Path(a.run), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     prof = LatencyProfile.load(next(run.glob("profile-*.json")))
     model_path = Path(Plan.load(next((run / "plans").glob("plan-*.json"))).model["path"])
     dense, adapter = load_model(model_path)
-    overrides = _parse_set(a.overrides)
-    if adapter.causal_lm and "data_path" not in overrides:
+    cfg = config_from(RecoverConfig, kw, prefix="recover-", exclude=("minutes", "threads"), minutes=a.minutes,
+                      threads=a.threads)
+    if adapter.causal_lm and cfg.data_path is None:
         import tinylm
         train = work / "train.txt"
         if not train.exists():
             with io.atomic_path(train) as tmp:
                 tmp.write_text("\n".join(tinylm.generate(a.lm_train_passages, seed=tinylm.TRAIN_SEED)) + "\n")
-        overrides["data_path"] = str(train)
-    cfg = RecoverConfig(**{"minutes": a.minutes, "threads": a.threads, **overrides})
+        cfg = cfg.replace(data_path=str(train))
     heldout = _heldout(model_path, adapter, run, dense)
     keys, titles = METRICS[adapter.causal_lm]
 
     rows, curves, points = [], {}, {}
-    budgets = sorted(a.budgets or [a.minutes])
+    budgets = sorted(a.budgets)
     for t in a.targets:
         src = run / "models" / f"planner-{t:g}x"
         oneshot, _ = load_model(src)

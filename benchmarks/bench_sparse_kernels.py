@@ -16,7 +16,7 @@ import time
 import torch
 
 from planner import hardware
-from planner.adapters.checkpoint import _config_dict
+from planner.adapters.checkpoint import read_config
 from planner.algorithms.sparse import kernel_for, sparse_like
 from planner.jobs.run import default_model
 
@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     a = ap.parse_args()
     hardware.set_threads(a.threads)
-    cfg = _config_dict(default_model() if a.model is None else a.model)
+    cfg = read_config(default_model() if a.model is None else a.model)
     d, f = cfg["hidden_size"], cfg["intermediate_size"]
     shapes = {"attn q/k/v/out": (d, d), "ffn in": (f, d), "ffn out": (d, f)}
     kernel = kernel_for(a.device)

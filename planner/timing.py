@@ -31,17 +31,25 @@ def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device: str
     return out
 
 
+def interleaved(fns: list[Callable[[], object]], rounds: int, device: str = "cpu", start: int = 0) -> list[list[float]]:
+    """The one interleaved timer: `rounds` timings of each callable, round r calling them in the order rotated by
+    (start + r) (A B, B A, A B, ... for two; A B C, B C A, C A B, ... for three), so that drift of a shared
+    machine (load from other processes, frequency changes) hits every one alike and ratios of their medians cancel
+    it where differences keep it. Returns seconds per call, one list per callable. Warm them up first."""
+    out = [[] for _ in fns]
+    n = len(fns)
+    for r in range(rounds):
+        k = (start + r) % n
+        for i in [*range(k, n), *range(k)]:
+            out[i].extend(time_calls(fns[i], 1, 0, device))
+    return out
+
+
 def abba(fa: Callable[[], object], fb: Callable[[], object], pairs: int, device: str = "cpu",
          start: int = 0) -> tuple[list[float], list[float]]:
-    """The one interleaved timer: `pairs` timings of each of two callables, in the order A B, B A, A B, ...
-    (pair i starts with A when (start + i) is even). Drift of a shared machine (load from other processes,
-    frequency changes) then hits both alike, so ratios of their medians cancel it where differences keep it.
-    Returns (seconds of A per call, seconds of B per call). Warm both up before the first call."""
-    ta, tb = [], []
-    for i in range(pairs):
-        order = ((fa, ta), (fb, tb)) if (start + i) % 2 == 0 else ((fb, tb), (fa, ta))
-        for fn, acc in order:
-            acc.extend(time_calls(fn, 1, 0, device))
+    """`interleaved` for two callables: (seconds of A per call, seconds of B per call), pair i starting with A
+    when (start + i) is even."""
+    ta, tb = interleaved([fa, fb], pairs, device, start)
     return ta, tb
 
 
