@@ -69,9 +69,9 @@ def test_a_generated_command_builds_the_configs_it_shows():
 
 
 def _benchmark_flags() -> set[str]:
-    """Flags of the benchmark scripts (argparse), which the docs quote next to the CLI's."""
+    """Flags of the benchmark scripts (argparse or click), which the docs quote next to the CLI's."""
     return {f for p in (ROOT / "benchmarks").glob("*.py")
-            for f in re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", p.read_text())}
+            for f in re.findall(r"(?:add_argument|click\.option)\(\s*\"(--[a-z0-9-]+)\"", p.read_text())}
 
 
 def _named_flags(text: str) -> set[str]:
@@ -98,3 +98,11 @@ def test_flags_named_in_error_messages_exist():
                 unknown.setdefault(flag, p.name)
     unknown.pop("--trust-remote-code", None)
     assert not unknown, f"messages name flags no command has: {unknown}"
+
+
+def test_the_reference_is_generated_from_the_code():
+    """docs/reference.md is what docs/make_reference.py renders from the CLI and the API today."""
+    import runpy
+    ref = runpy.run_path(str(ROOT / "docs" / "make_reference.py"))
+    assert (ROOT / "docs" / "reference.md").read_text() == ref["render"](), \
+        "docs/reference.md is out of date: run python docs/make_reference.py"
