@@ -149,6 +149,11 @@ def profile(model, out, as_json, quiet, **kw):
         return
     click.echo(f"{path}: dense {p.base['median']*1e3:.2f} ms, non-prunable {p.constant*1e3:.2f} ms, "
                f"largest reachable speedup {p.max_speedup():.1f}x ({p.conditions})")
+    noise = p.base.get("noise")
+    if noise:
+        click.echo(f"  machine noise: the dense model against a copy of itself {noise['ratio']:.3f} +-"
+                   f"{noise['halfwidth']:.1%} ({noise['pairs']} pairs); {noise['loose']} of {noise['variants']} "
+                   f"variants still wider than +-{noise['bound']:.0%} after {noise['extra_rounds']} extra rounds")
     for kind, sp in p.sparse.items():
         cross = p.sparse_crossover(kind)
         times = ", ".join(f"{lv:g} {ker}: {t*1e3:.2f} ms" for lv, ker, t in zip(sp["levels"], sp["kernels"],

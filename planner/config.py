@@ -13,7 +13,7 @@ from .errors import PlannerError
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
-MODES = ("prefill", "decode")
+MODES = ("prefill", "decode", "score")      # stages/regimes.py says what one timed call of each is
 
 
 def opt(default, help: str, **meta):
@@ -41,8 +41,9 @@ class _Config:
 class ProfileConfig(_Config):
     batch_size: int = opt(8, "sequences per timed call", short="-b")
     seq_len: int = opt(128, "prompt length (prefill) or KV-cache length (decode)", short="-s")
-    mode: str = opt("prefill", "latency regime; decode = one new token per sequence against a KV cache (causal "
-                    "LMs)", choices=MODES)
+    mode: str = opt("prefill", "latency regime: prefill (a forward; causal LMs: generate()'s prompt pass), decode "
+                    "(one new token per sequence against a KV cache) or score (causal LMs: all logits of the "
+                    "sequence)", choices=MODES)
     device: str = opt("cpu", "where the model is timed", choices=DEVICES)
     dtype: str = opt("float32", "weights and activations", choices=DTYPES)
     threads: int | None = opt(None, "CPU threads (default: all this process may use)", type=int)
@@ -59,11 +60,14 @@ class ProfileConfig(_Config):
                                       multiple=True, metavar="LEVELS")
     # 2 pairs x 2 rounds once put a 95% CSR FFN 25% off what it measured later: sparse kernels time noisier
     sparse_reps: int = opt(6, "dense/sparse ABBA pairs per sparse level and round")
+    noise_bound: float = opt(0.02, "repeat timing a variant until its ratio to the dense model is known to +-this "
+                             "(95% interval), within --extra-minutes")
+    extra_minutes: float = opt(2.0, "time budget for those repeats (0: the fixed rounds only)")
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.seq_len >= 1, "--seq-len must be >= 1")
-        _check(self.mode in MODES, "--mode must be 'prefill' or 'decode'")
+        _check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}")
         _check(self.method == "model" or self.mode == "prefill", "--mode decode is timed with --method model")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
@@ -73,6 +77,7 @@ class ProfileConfig(_Config):
         _check(self.reps >= 1 and self.sparse_reps >= 1 and self.rounds >= 1,
                "--reps, --sparse-reps and --rounds must be >= 1")
         _check(self.warmup >= 0, "--warmup must be >= 0")
+        _check(0 < self.noise_bound < 1 and self.extra_minutes >= 0, "--noise-bound in (0, 1), --extra-minutes >= 0")
         _check(self.n_mixed >= 0, "--n-mixed must be >= 0")
         _check(self.smooth >= 0, "--smooth must be >= 0")
         _check(all(0.0 < x < 1.0 for x in self.sparsity), "--sparsity levels must be in (0, 1), e.g. 0.5,0.9")
@@ -101,6 +106,10 @@ class PlanConfig(_Config):
                       "loss (0: the plain DP); resumable")
     search_minutes: float | None = opt(None, "time budget of the search per target", type=float)
     n_buckets: int = opt(10_000, "time buckets of the DP (its resolution)", flag="buckets")
+    tolerance: float = opt(0.02, "closed loop: a plan is kept when its measured speedup is within this share of "
+                           "its target")
+    loop_rounds: int = opt(4, "closed loop: rounds of timing the chosen architecture, correcting the latency "
+                           "model and solving again (0: trust the profile, open loop)")
     device: str = opt("cpu", "where the OBS database and the search run", choices=DEVICES)
     offload: bool = opt(False, "keep the model in CPU memory and move one block at a time to --device (large "
                         "models)")
@@ -119,6 +128,8 @@ class PlanConfig(_Config):
         _check(self.search >= 0, "--search must be >= 0")
         _check(self.structured or self.sparse, "--sparse-only needs the sparse levels: drop --no-sparse")
         _check(self.search_minutes is None or self.search_minutes > 0, "--search-minutes must be > 0")
+        _check(0 < self.tolerance < 0.5, "--tolerance must be in (0, 0.5), e.g. 0.02")
+        _check(self.loop_rounds >= 0, "--loop-rounds must be >= 0")
 
     @property
     def database(self) -> "DatabaseConfig":
@@ -150,7 +161,9 @@ class VerifyConfig(_Config):
     seq_len: int = opt(128, "prompt length (prefill) or KV-cache length (decode)", short="-s")
     threads: int | None = opt(None, "CPU threads (default: the profile's, else all available)", type=int)
     device: str = opt("cpu", "where both models run", choices=DEVICES)
-    reps: int = opt(15, "interleaved dense/compressed timing pairs")
+    reps: int = opt(15, "interleaved dense/compressed timing pairs (at least)")
+    max_reps: int = opt(60, "more pairs, up to this many, until the speedup is known to +-halfwidth")
+    halfwidth: float = opt(0.01, "wanted half-width of the measured speedup's 95% interval (relative)")
     warmup: int = opt(1, "untimed calls of each model before timing")
     text_path: str | None = opt(None, "held-out text, one passage per line (default: the shipped held-out corpus)",
                                 flag="text", type=str, path=True)
@@ -161,10 +174,11 @@ class VerifyConfig(_Config):
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.seq_len >= 1, "--batch-size and --seq-len must be >= 1")
-        _check(self.mode in (None, *MODES), "--mode must be 'prefill' or 'decode'")
+        _check(self.mode in (None, *MODES), f"--mode must be one of {', '.join(MODES)}")
         _check(self.decode_steps >= 1, "--decode-steps must be >= 1")
         _check(self.ppl_window >= 2, "--ppl-window must be >= 2")
         _check(self.reps >= 3, "--reps must be >= 3")
+        _check(self.max_reps >= self.reps and 0 < self.halfwidth < 1, "--max-reps >= --reps, --halfwidth in (0, 1)")
         _check(self.warmup >= 0, "--warmup must be >= 0")
         _check(self.n_text >= 2, "--n-text must be >= 2")
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")

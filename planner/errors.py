@@ -21,6 +21,16 @@ class UnreachableTarget(PlannerError):
     pass
 
 
+class PlannerWarning(UserWarning):
+    """Something the user should know that does not stop the work (a noisy machine, a far-off calibration text)."""
+
+
+def warn(msg: str) -> None:
+    """One warning line (no source line under it); filter it like any warning (-W ignore::...PlannerWarning)."""
+    import warnings
+    warnings.warn_explicit(msg, PlannerWarning, filename="planner", lineno=0, module="planner")
+
+
 def os_error_message(e: OSError) -> str:
     """One line for an OSError met while reading or writing: what failed, where, and what to do. Every file
     planner writes goes to a temporary name first, so nothing half-written is left behind."""

@@ -183,6 +183,18 @@ class LatencyProfile(_JSON):
         fastest = max(self.constant + min_modules, self.floor)
         return self.base["median"] / fastest if fastest > 0 else float("inf")
 
+    def scaled(self, s: float) -> "LatencyProfile":
+        """Every module time (structured and sparse) multiplied by s; the constant unchanged."""
+        def mul(m):
+            return {**m, **{f: [t * s for t in m[f]] for f in ("median", "spread", "model") if m.get(f)}}
+        return dataclasses.replace(self, modules={k: mul(m) for k, m in self.modules.items()},
+                                   sparse={k: mul(m) for k, m in self.sparse.items()})
+
+    def corrected(self, offset: float, scale: float) -> "LatencyProfile":
+        """The profile whose predictions are offset + scale × this one's (the affine correction folded into the
+        module times and the constant, so the solver still sees a separable sum)."""
+        return dataclasses.replace(self.scaled(scale), constant=offset + scale * self.constant)
+
     @property
     def conditions(self) -> str:
         h = self.hardware
@@ -227,6 +239,7 @@ class VerifyReport(_JSON):
     sizes: dict                 # parameter counts
     created: str
     plan: dict = field(default_factory=dict)   # the compressed model's planner record: method, target_speedup...
+    interval: list = field(default_factory=list)   # [lo, hi]: 95% interval of the measured speedup (median ratio)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,9 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
     assert "measured" in r.output and "spearman" in r.output
     rep = VerifyReport.load(tmp_path / "v.json")
     assert rep.sizes["compressed_params"] < rep.sizes["dense_params"]
-    assert rep.predicted_speedup == pytest.approx(prof.base["median"] / prof.predict(plan.kept))
+    corr = plan.options["closed_loop"].get("correction")             # the prediction the loop settled on
+    assert rep.predicted_speedup == pytest.approx(prof.base["median"] / prof.corrected(**corr).predict(plan.kept))
+    assert rep.interval[0] <= rep.measured_speedup <= rep.interval[1]
     assert -1 <= rep.quality["spearman"] <= 1
 
 

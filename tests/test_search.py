@@ -77,10 +77,11 @@ def test_plan_with_search_on_tiny_model(tiny_bert, calib_file, tmp_path):
     prof, ppath = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0),
                                   out=tmp_path / "p.json", progress=False)
     t = round(min(1.5, 0.7 * prof.max_speedup()), 2)
-    base = PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=64)
+    base = PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=64, loop_rounds=0)   # the search alone
     plain = planner.plan(tiny_bert, ppath, base, tmp_path / "plain", progress=False)[0]
     r = CliRunner().invoke(main, ["plan", str(tiny_bert), "--profile", str(ppath), "-x", str(t), "--calib",
-                                  str(calib_file), "--n-calib", "64", "--search", "12", "--out", str(tmp_path / "s"),
+                                  str(calib_file), "--n-calib", "64", "--search", "12", "--loop-rounds", "0",
+                                  "--out", str(tmp_path / "s"),
                                   "-q", "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)[0]
@@ -91,3 +92,16 @@ def test_plan_with_search_on_tiny_model(tiny_bert, calib_file, tmp_path):
     assert (tmp_path / "s" / "search" / f"search-{t:g}x.json").exists()
     out, _ = planner.apply(tiny_bert, tmp_path / "s" / f"plan-{t:g}x.json", tmp_path / "m", progress=False)
     assert (out / "config.json").exists()
+
+
+def test_search_and_closed_loop_together(tiny_bert, calib_file, tmp_path):
+    """The loop re-solves a searched plan with the search's coefficients: both records end up in the plan."""
+    prof, ppath = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0),
+                                  out=tmp_path / "p.json", progress=False)
+    t = max(1.01, round(1 + 0.4 * (prof.max_speedup() - 1), 2))
+    [p] = planner.plan(tiny_bert, ppath, PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=64, search=4,
+                                                    loop_rounds=2), tmp_path / "s", progress=False)
+    loop = p.options["closed_loop"]
+    assert p.options["search"]["candidates"] == 4 and 1 <= len(loop["rounds"]) <= 2
+    assert loop["measured"] == loop["rounds"][loop["chosen"]]["measured"] > 0
+    assert loop["interval"][0] <= loop["measured"] <= loop["interval"][1]

@@ -78,7 +78,7 @@ def test_sparse_crossover_and_scaling():
     assert p.sparse_crossover("attn") is None
     slow = dataclasses.replace(p, sparse={"ffn": {**p.sparse["ffn"], "median": [9.0, 8.0, 7.0]}})
     assert slow.sparse_crossover("ffn") is None
-    scaled = profiler._scaled(p, 0.5)                             # a correction scales sparse times alike
+    scaled = p.scaled(0.5)                                        # a correction scales sparse times alike
     assert scaled.sparse["ffn"]["median"] == [1.5, 0.75, 0.5]
 
 

@@ -108,3 +108,23 @@ def smooth_curve(widths, times, halfwidth: int) -> np.ndarray:
     out[1:] = isotonic(np.maximum(out[1:], 0.0))
     out[0] = min(out[0], out[1]) if len(out) > 1 else out[0]
     return out
+
+
+def local_affine_fit(additive, measured, weights, center: float, bandwidth: float = 0.35) -> tuple[float, float]:
+    """The affine correction where one plan lands: (offset, scale) minimising
+    Σ w_i·k_i·((offset + scale·additive_i) / measured_i − 1)², with k_i = exp(−(ln(measured_i / center))² / 2b²)
+    weighting each measured architecture by how close its time is to `center` (the target's time budget).
+
+    The closed loop (stages/loop.py) calls it with every architecture measured so far: the dense model, the
+    profile's random mixed ones and each plan it timed, so that the correction is a local secant of the true
+    time-vs-prediction curve around the budget, not one global line (measured models of this project deviate
+    from the additive prediction by different amounts at 1.5x and at 3x). With one close point besides the dense
+    model it is the secant through both. additive, measured: [n] seconds; weights: [n] >= 0.
+    """
+    x, y, w = (np.asarray(v, dtype=float) for v in (additive, measured, weights))
+    k = w * np.exp(-np.log(y / center) ** 2 / (2 * bandwidth ** 2))
+    if np.count_nonzero(k > 1e-12) < 2:
+        return 0.0, 1.0
+    a = np.stack([1.0 / y, x / y], axis=1) * np.sqrt(k)[:, None]      # [n, 2] weighted relative residuals
+    (offset, scale), *_ = np.linalg.lstsq(a, np.sqrt(k), rcond=None)
+    return float(offset), float(scale)

@@ -6,6 +6,7 @@ interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from ..stages import apply as apply_stage
 from ..stages import plan as plan_stage
 from ..stages import profile as profile_stage
 from ..stages import verify as verify_stage
-from ..types import LatencyProfile, VerifyReport
+from ..types import LatencyProfile, Plan, VerifyReport
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,6 +39,23 @@ def default_model() -> Path:
 def _log(msg, quiet):
     if not quiet:
         print(msg, flush=True)
+
+
+def baseline_plans(ck, prof, prof_path, plans, cfg: RunConfig, plans_dir, progress: bool):
+    """The uniform magnitude baseline at every target, through the same closed loop as planner's plans (its one
+    width for every block chosen on the corrected profile), so both are compared at the speed they measure."""
+    done = [plans_dir / f"plan-magnitude-uniform-{p.target_speedup:g}x.json" for p in plans]
+    if all(d.exists() for d in done):
+        return [Plan.load(d) for d in done]
+    n_layers = len(plans[0].layers)
+
+    def uniform(cprof, p):
+        u = plan_stage.uniform_plan(cprof, p.target_speedup, n_layers, p.model, str(prof_path))
+        return dataclasses.replace(u, profile=plan_stage.profile_identity(prof, prof_path))
+    out = plan_stage.closed_loop(ck, prof, [uniform(prof, p) for p in plans], cfg.plan_config, uniform, progress)
+    for u in out:
+        u.save(plans_dir / plan_stage.plan_name(u))
+    return out
 
 
 def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) -> "pd.DataFrame":
@@ -61,14 +79,10 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
     _log(format_plan_table(plans), quiet)
 
     _log("[3/4] apply: stitch weights, shrink, save portable checkpoints", quiet)
-    n_layers = len(plans[0].layers)
-    jobs = []
-    for p in plans:
-        jobs.append((p, out / "models" / f"planner-{p.target_speedup:g}x", "obs", None))
-        if cfg.baseline:
-            u = plan_stage.uniform_plan(prof, p.target_speedup, n_layers, p.model, str(prof_path))
-            u.save(out / "plans" / plan_stage.plan_name(u))
-            jobs.append((u, out / "models" / f"magnitude-{p.target_speedup:g}x", "magnitude", "none"))
+    jobs = [(p, out / "models" / f"planner-{p.target_speedup:g}x", "obs", None) for p in plans]
+    if cfg.baseline:
+        jobs += [(u, out / "models" / f"magnitude-{u.target_speedup:g}x", "magnitude", "none")
+                 for u in baseline_plans(ck, prof, prof_path, plans, cfg, out / "plans", progress)]
     for p, mdir, select, weights in jobs:
         if (mdir / "config.json").exists():
             _log(f"      {mdir.name}: reusing", quiet)
@@ -78,12 +92,23 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
 
     _log(f"[4/4] verify: interleaved timing ({pc.mode}) and held-out quality", quiet)
     dense, rows = None, []
-    for p, mdir, select, _ in jobs:
+    for p, mdir, select, weights in jobs:
         rpath = out / "verify" / f"{mdir.name}.json"
         if rpath.exists():
             rep = VerifyReport.load(rpath)
         else:
             dense = dense if dense is not None else ck.load(pc.device)
+            rep = verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath,
+                                      dense_model=dense, progress=progress)
+        tol = cfg.plan_config.tolerance
+        if (p.method == "planner" and cfg.plan_config.loop_rounds and "replanned" not in p.options
+                and abs(rep.measured_speedup / p.target_speedup - 1) > tol):
+            # the saved model, real weights, missed: plan once more with its measurement in the loop's points
+            _log(f"      {mdir.name}: measured {rep.measured_speedup:.2f}x, outside {tol:.0%} of "
+                 f"{p.target_speedup:g}x: planning again with that measurement", quiet)
+            p = plan_stage.replan(ck, prof, p, cfg.plan_config, rep.measured_speedup, progress)
+            p.save(out / "plans" / plan_stage.plan_name(p))
+            apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress)
             rep = verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath,
                                       dense_model=dense, progress=progress)
         rows.append(result_row(p, rep))

@@ -39,13 +39,32 @@ def layer_cell(plan_layer: dict, kind: str) -> str:
 
 
 def format_plan_table(plans: list[Plan]) -> str:
-    """Per-layer kept heads / FFN width for each target, side by side."""
+    """Per-layer kept heads / FFN width for each target, side by side; the prediction and, where the closed loop
+    ran, the measured speedup of the architecture and the loop's rounds."""
     rows = ["layer " + " ".join(f"{p.target_speedup:>5g}x heads/ffn" for p in plans)]
     for l in range(len(plans[0].layers)):
         rows.append(f"{l:5d} " + " ".join(f"{layer_cell(p.layers[l], 'attn'):>8}/{layer_cell(p.layers[l], 'ffn'):<7}"
                                           for p in plans))
     rows.append("pred  " + " ".join(f"{p.predicted_speedup:>14.2f}x " for p in plans))
+    loops = [p.options.get("closed_loop") or {} for p in plans]
+    if any("measured" in c for c in loops):
+        rows.append("meas  " + " ".join(f"{c['measured']:>14.2f}x " if "measured" in c else f"{'-':>15} "
+                                        for c in loops))
+        rows.append("rounds" + " ".join(f"{len(c.get('rounds', [])):>15d} " for c in loops))
     return "\n".join(rows)
+
+
+def loop_lines(p: Plan) -> list[str]:
+    """Every round of a plan's closed loop: open-loop and corrected prediction, measurement and its interval."""
+    c = p.options.get("closed_loop") or {}
+    if "rounds" not in c:
+        return [f"{p.target_speedup:g}x: closed loop {c.get('status', 'off')}"]
+    out = [f"{p.target_speedup:g}x: {c['status']} (tolerance {c['tolerance']:.0%}, round {c['chosen']} kept)"]
+    for r in c["rounds"]:
+        out.append(f"  round {r['round']}: predicted {r['predicted']:.3f}x (profile alone {r['open_loop_predicted']:.3f}x),"
+                   f" measured {r['measured']:.3f}x [{r['lo']:.3f}, {r['hi']:.3f}] over {r['pairs']} pairs, correction "
+                   f"{r['correction']['scale']:.3f} x + {r['correction']['offset']*1e3:.2f} ms")
+    return out
 
 
 def result_row(plan: Plan, rep: VerifyReport) -> dict:

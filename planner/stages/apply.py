@@ -169,6 +169,17 @@ def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None
     record = {"method": p.method, "target_speedup": p.target_speedup, "predicted_speedup": p.predicted_speedup,
               "weights": weights, "select": select, "profile": {k: p.profile.get(k) for k in
               ("batch_size", "seq_len", "dtype", "mode")} | {"hardware": p.profile.get("hardware", {}).get("key")},
-              "source": p.model, "origin": ck.origin or ck.fingerprint}   # the dense ancestor (gradual: not the source)
+              "source": p.model, "origin": ck.origin or ck.fingerprint,   # the dense ancestor (gradual: not the source)
+              **_loop_record(p)}
     save_portable(model, ck.adapter, ck.path, out_dir, {"planner": record})
     return Path(out_dir), model
+
+
+def _loop_record(p: Plan) -> dict:
+    """What the saved model records of its plan's closed loop: the correction its prediction used and the speedup
+    its architecture measured (random weights), so verify can compare like with like."""
+    loop = p.options.get("closed_loop") or {}
+    if "measured" not in loop:
+        return {}
+    return {"correction": loop["correction"],
+            "loop": {k: loop.get(k) for k in ("measured", "interval", "status", "converged")}}

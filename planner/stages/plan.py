@@ -16,15 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io
+from .. import hardware, io
 from ..algorithms import solver
 from ..algorithms.search import n_random_default, search
 from ..config import PlanConfig
-from ..errors import PlannerError, UnreachableTarget
+from ..errors import PlannerError, UnreachableTarget, warn
 from ..types import KINDS, LatencyProfile, Plan
+from . import loop
 from .apply import apply_
 from .calibration import calibration_batches
 from .database import Database, build_for_plan, split_batches
+from .loop import close_loop
 from .profile import check_profile
 
 SEARCH_KIND, SEARCH_VERSION = "SpdySearch", 1
@@ -164,6 +166,11 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
     if not cfg.structured and not prof.sparse:
         raise PlannerError("--sparse-only needs a profile with sparse levels: profile with --sparsity "
                            "(e.g. 0.9,0.95)")
+    noise = (prof.base.get("noise") or {}).get("halfwidth", 0.0)
+    if cfg.loop_rounds and noise > cfg.tolerance / 2:
+        warn(f"the profile's machine timed its dense model against a copy of itself to +-{noise:.1%}, wider than half "
+             f"of --tolerance {cfg.tolerance:.0%}: the closed loop may not settle; quieten the machine or widen "
+             f"--tolerance")
     check_reachable(prof, cfg.targets, prof.min_module_time(cfg.structured),
                     "" if cfg.structured else " by sparse levels alone")
     batches, calib_hash = calibration_batches(ck, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
@@ -177,9 +184,55 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
     if cfg.search:
         loss_of = stitched_loss(model, ck.adapter, db, cfg, split_batches(batches, cfg.val_fraction)[1])
         plans = [searched(p, loss_of, db, prof, cfg, info, profile_path, calib, out_dir, progress) for p in plans]
+    del model
+    plans = closed_loop(ck, prof, plans, cfg, lambda cprof, p: resolve(db, cprof, p, cfg, info, profile_path, calib),
+                        progress)
     for p in plans:
         p.save(out_dir / plan_name(p))
     return plans
+
+
+def resolve(db: Database, cprof: LatencyProfile, p: Plan, cfg: PlanConfig, info, profile_path, calib) -> Plan:
+    """The plan for p's target on a corrected profile, with p's search coefficients (if it was searched)."""
+    coefs = (p.options.get("search") or {}).get("coefficients")
+    scale = {(int(k.split(".")[0]), k.split(".")[1]): c for k, c in coefs.items()} if coefs else None
+    new = solve_plans(db, cprof, [p.target_speedup], cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
+                      scale=scale, structured=cfg.structured)[0]
+    keep = {k: v for k, v in p.options.items() if k in ("search",)}
+    return dataclasses.replace(new, options={**new.options, **keep}, profile=p.profile)
+
+
+def replan(ck, prof: LatencyProfile, p: Plan, cfg: PlanConfig, measured_speedup: float, progress: bool = True) -> Plan:
+    """A plan whose saved model measured `measured_speedup` (real weights, `verify`) outside the tolerance, solved
+    again: the saved model's measurement joins the loop's points, the correction is refitted, and the loop runs
+    from the new plan. Uses the plan's own database and calibration settings."""
+    db = Database(p.database["path"])
+    calib = {k: v for k, v in p.options.items() if k not in ("error_norm", "n_buckets", "closed_loop", "search")}
+    saved = {"additive": prof.predict(p.kept), "measured": prof.base["median"] / measured_speedup, "source": "saved"}
+    pts = [*loop.measured_points(p), saved]
+
+    def fn(cprof, q):
+        return resolve(db, cprof, q, cfg, p.model, p.profile.get("path"), calib)
+    corr = loop.correction(prof, loop.base_points(prof) + pts, p.target_speedup)
+    first = fn(prof.corrected(**corr), p)
+    first = dataclasses.replace(first, options={**first.options, "closed_loop": {"correction": corr}})
+    new = closed_loop(ck, prof, [first], cfg, fn, progress, points=pts)[0]
+    return dataclasses.replace(new, options={**new.options, "replanned": {"saved_measured": measured_speedup,
+                                                                          "saved_layers": p.kept}})
+
+
+def closed_loop(ck, prof: LatencyProfile, plans: list[Plan], cfg: PlanConfig, resolve_fn, progress: bool = True,
+                points=None) -> list[Plan]:
+    """loop.close_loop where the profile was measured on this machine; elsewhere (--allow-other-machine) timing
+    here says nothing about there, and the plans stay open-loop, saying so."""
+    if cfg.loop_rounds <= 0:
+        return plans
+    here = hardware.describe(prof.hardware.get("device", "cpu"), threads=prof.hardware.get("threads"))
+    if prof.hardware.get("key") != here["key"]:
+        return [dataclasses.replace(p, options={**p.options, "closed_loop": {
+            "status": f"not run: the profile was measured on {prof.hardware.get('key')}, this is {here['key']}"}})
+            for p in plans]
+    return close_loop(ck, prof, plans, resolve_fn, cfg, progress, points)
 
 
 def searched(plain: Plan, loss_of, db: Database, prof: LatencyProfile, cfg: PlanConfig, info, profile_path, calib,

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +32,14 @@ from ..adapters.checkpoint import Checkpoint, quiet_transformers
 from ..algorithms import latency, sparse
 from ..config import ProfileConfig
 from ..data import latency_inputs
-from ..errors import PlannerError
+from ..errors import PlannerError, warn
 from ..progress import bar as progress_bar
-from ..timing import abba, median, spread, time_calls
+from ..timing import abba, median, ratio_of, spread, time_calls, warm_up
 from ..types import KINDS, LatencyProfile
 from . import regimes
 
 VARIANT_CACHE_BYTES = 4 << 30          # keep built variants up to this many parameter bytes, else rebuild per use
+EXTRA_SHARE = 1.0                      # repeats of noisy variants: at most this share of the fixed rounds' time
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -89,9 +91,9 @@ def _variant(model, adapter, layers: list[dict]):
 
 
 def _uniform(shape, kind: str, width: int) -> list[dict]:
-    """Every block at `width` for `kind` ("all": both kinds), dense otherwise."""
-    h = width if kind in ("attn", "all") else shape.attn_units
-    f = width if kind in ("ffn", "all") else shape.ffn
+    """Every block at `width` for `kind` ("all": both kinds), dense otherwise; width -1: dense (a copy)."""
+    h = width if kind in ("attn", "all") and width >= 0 else shape.attn_units
+    f = width if kind in ("ffn", "all") and width >= 0 else shape.ffn
     return [{"heads": h, "ffn": f}] * shape.n_layers
 
 
@@ -101,7 +103,13 @@ def profile(ck, cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise PlannerError("--device cuda asked for, but CUDA is not available here; use --device cpu")
     with hardware.threads(cfg.threads):
-        return _profile(Checkpoint.open(ck), cfg, progress)
+        prof = _profile(Checkpoint.open(ck), cfg, progress)
+    noise = prof.base.get("noise") or {}
+    if noise.get("halfwidth", 0) > cfg.noise_bound:
+        warn(f"this machine is noisy: the dense model timed against a copy of itself varied +-{noise['halfwidth']:.1%} "
+             f"(95% interval, {noise['pairs']} pairs), wider than --noise-bound {cfg.noise_bound:.0%}; close other "
+             f"programs, use fewer --threads than cores, or plan with a wider --tolerance")
+    return prof
 
 
 def _profile(ck: Checkpoint, cfg: ProfileConfig, progress: bool) -> LatencyProfile:
@@ -164,7 +172,7 @@ def _fit(prof: LatencyProfile, mixed: list[list[dict]], measured: list[float]) -
         offset, scale = latency.affine_fit(xs, ys)
         loo = latency.loo_max_rel_error(xs, ys)
         fit.update(offset=offset, scale=scale, loo_max_rel_error=loo)
-        cand = _clamped(dataclasses.replace(_scaled(prof, scale), constant=offset + scale * prof.constant))
+        cand = _clamped(prof.corrected(offset, scale))
         err_fit = latency.max_rel_error([cand.predict(m) for m in mixed], measured)
         if scale > 0 and err_fit < err_add and loo < err_add:     # a negative scale is noise, not physics
             corrected, fit["applied"] = cand, True
@@ -183,15 +191,7 @@ def _clamped(prof: LatencyProfile) -> LatencyProfile:
     base = prof.base["median"]
     s = base / (base - prof.constant)
     note = f"constant came out negative ({prof.constant:.2e} s): module times scaled by {s:.4f} to make it 0"
-    return dataclasses.replace(_scaled(prof, s), constant=0.0, notes=[*prof.notes, note])
-
-
-def _scaled(prof: LatencyProfile, s: float) -> LatencyProfile:
-    mods = {k: {**m, **{f: [t * s for t in m[f]] for f in ("median", "spread", "model") if m.get(f)}}
-            for k, m in prof.modules.items()}
-    sp = {k: {**m, **{f: [t * s for t in m[f]] for f in ("median", "spread", "model") if m.get(f)}}
-          for k, m in prof.sparse.items()}
-    return dataclasses.replace(prof, modules=mods, sparse=sp)
+    return dataclasses.replace(prof.scaled(s), constant=0.0, notes=[*prof.notes, note])
 
 
 def _forward(model, adapter, cfg):
@@ -199,16 +199,20 @@ def _forward(model, adapter, cfg):
     return regimes.latency_call(model, adapter, cfg.mode, cfg.batch_size, cfg.seq_len, cfg.device)
 
 
-def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile", reps: int | None = None):
+def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile", reps: int | None = None,
+                   anchors: tuple = ()):
     """Time each variant (key -> per-layer specs) against the dense model, interleaved as `verify` does.
 
     Variants are built once and kept (when they fit in VARIANT_CACHE_BYTES), so every timing sees a long-lived
     model as a user's deployment does: rebuilding a copy per timing churned the allocator and shifted the FFN
-    times by up to 15% on a 2-core CPU. Each round visits the variants in a new random order and times
-    dense, variant, variant, dense (ABBA); the round's ratio is variant / dense. Load from other processes and
-    frequency changes scale both alike, so the ratio cancels them where a difference would keep their noise.
+    times by up to 15% on a 2-core CPU; each is warmed to a steady pace when built (timing.warm_up). Each round
+    visits the variants in a new random order and times dense, variant, variant, dense (ABBA); the round's ratio
+    is variant / dense. Load from other processes and frequency changes scale both alike, so the ratio cancels
+    them where a difference would keep their noise. After cfg.rounds, variants whose ratio is not yet known to
+    +-cfg.noise_bound (95% interval of the median per-pair ratio) get more rounds, with the `anchors` (the
+    variants others are measured against), until they are or cfg.extra_minutes run out.
     `reps`: ABBA pairs per variant and round (default cfg.reps). Returns ({key: [variant / dense time, one per
-    round]}, [dense times]).
+    round]}, [dense times], {key: Ratio of all its pairs}, extra rounds run).
     """
     keys = list(variants)
     # a variant shares the embedding table; its blocks are at most the dense blocks' size
@@ -221,26 +225,45 @@ def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"
             return built[k]
         v = _variant(model, adapter, variants[k])
         fv = _forward(v, adapter, cfg)                  # decode: each variant holds its own KV cache
-        time_calls(fv, 0, max(cfg.warmup, 1), cfg.device)
+        warm_up(fv, cfg.device, min_calls=max(cfg.warmup, 1))
         if keep:
             built[k] = fv
         return fv
 
-    ratios = {k: [] for k in keys}
-    bases = []
+    ratios, pairs, bases = {k: [] for k in keys}, {k: ([], []) for k in keys}, []
     fd = _forward(model, adapter, cfg)
-    time_calls(fd, 0, max(cfg.warmup, 1), cfg.device)
-    bar = progress_bar(total=cfg.rounds * len(keys), desc=desc, progress=progress, unit="variant")
-    for r in range(cfg.rounds):
-        order = keys[:]
+    warm_up(fd, cfg.device, min_calls=max(cfg.warmup, 1))
+
+    def one_round(r, which, bar):
+        order = which[:]
         random.Random(r).shuffle(order)
         for i, k in enumerate(order):
             td, tv = abba(fd, get(k), reps or cfg.reps, cfg.device, start=i)
             ratios[k].append(median(tv) / median(td))
+            pairs[k][0].extend(td)
+            pairs[k][1].extend(tv)
             bases.extend(td)
             bar.update()
+
+    bar = progress_bar(total=cfg.rounds * len(keys), desc=desc, progress=progress, unit="variant")
+    t_fixed = time.perf_counter()
+    for r in range(cfg.rounds):
+        one_round(r, keys, bar)
     bar.close()
-    return ratios, bases
+    # repeats take at most as long as the fixed rounds did (and at most --extra-minutes)
+    t0, extra = time.perf_counter(), 0
+    budget = min(cfg.extra_minutes * 60, EXTRA_SHARE * (t0 - t_fixed))
+    while time.perf_counter() - t0 < budget:
+        loose = [k for k in keys if ratio_of(*pairs[k]).halfwidth > cfg.noise_bound]
+        if not loose:
+            break
+        todo = sorted(set(loose) | {a for a in anchors if a in variants}, key=keys.index)
+        bar = progress_bar(total=len(todo), desc=f"{desc}: repeating {len(loose)} noisy", progress=progress,
+                           unit="variant")
+        one_round(cfg.rounds + extra, todo, bar)
+        bar.close()
+        extra += 1
+    return ratios, bases, {k: ratio_of(*pairs[k]) for k in keys}, extra
 
 
 def _profile_in_model(model, adapter, grids, dense, mixed, cfg, progress, sparse_levels=()):
@@ -248,10 +271,13 @@ def _profile_in_model(model, adapter, grids, dense, mixed, cfg, progress, sparse
     L = shape.n_layers
     # ("all", 0): every module removed, a diagnostic of how non-additive the savings are;
     # ("mix", i): random mixed architectures for the affine correction (latency.py)
+    # ("null", 0): a copy of the dense model, the machine's noise: a ratio that should be 1
     variants = {(k, w): _uniform(shape, k, w) for k in KINDS for w in grids[k] if w != dense[k]}
     variants[("all", 0)] = _uniform(shape, "all", 0)
+    variants[("null", 0)] = _uniform(shape, "all", -1)
     variants.update({("mix", i): m for i, m in enumerate(mixed)})
-    ratios, bases = _time_variants(model, adapter, variants, cfg, progress)
+    ratios, bases, est, extra = _time_variants(model, adapter, variants, cfg, progress,
+                                               anchors=tuple((k, 0) for k in KINDS))
     # ("sparse", kind, level, kernel): every block's `kind` at full width with its linears on a sparse kernel.
     # Timed in a phase of their own, once the structured variants are freed. Timed among ~60 live variants,
     # a 95%-sparse CSR FFN came out at 61% of the dense FFN and every-FFN-sparse models ran 18% faster than
@@ -264,23 +290,32 @@ def _profile_in_model(model, adapter, grids, dense, mixed, cfg, progress, sparse
         ratios.update(_time_variants(model, adapter, sparse_variants, cfg, progress, "profile: sparse",
                                      reps=cfg.sparse_reps)[0])
     t0 = median(bases)
+    # Every variant is a copy of the dense model, and a copy does not always run at the original's pace (a tiny
+    # Llama's copy, decoding, measured 10-13% slower; MiniLM's at batch 8 within 1%): the dense width's ratio is
+    # the copy's, so that every module time is a difference between copies, as the models a user deploys are
+    # (verify loads both fresh). R(null) also rescales the timed mixed and all-removed models below.
+    r_null = median(ratios[("null", 0)])
     mods = {}
     for k in KINDS:
-        # module time relative to the removed module: t(w) = t0 * (R(w) - R(0)) / L, R = variant / dense
-        per_round = {w: ([1.0] * cfg.rounds if w == dense[k] else ratios[(k, w)]) for w in grids[k]}
-        zero = per_round[0]
-        med, spr = [], []
-        for w in grids[k]:
-            vals = [t0 * (a - b) / L for a, b in zip(per_round[w], zero)]
-            med.append(max(median(vals), 0.0))      # noise can push a tiny module below its removal
-            spr.append(spread(vals) if cfg.rounds > 1 else 0.0)
+        # module time relative to the removed module: t(w) = t0 * (R(w) - R(0)) / L, R = variant / dense (the
+        # median over rounds of each; variants repeated for noise have more rounds than others)
+        per_round = {w: (ratios[("null", 0)] if w == dense[k] else ratios[(k, w)]) for w in grids[k]}
+        r0 = median(per_round[0])
+        med = [max(t0 * (median(per_round[w]) - r0) / L, 0.0) for w in grids[k]]   # noise can push a tiny
+        spr = [t0 * float(np.hypot(spread(per_round[w]), spread(per_round[0]))) / L if cfg.rounds > 1 else 0.0
+               for w in grids[k]]                                               # module below its removal
         mods[k] = {"widths": grids[k], "median": med, "spread": spr}
-    all_removed = t0 * median(ratios[("all", 0)])
-    mixed_times = {i: t0 * median(ratios[("mix", i)]) for i in range(len(mixed))}
-    base = {"median": t0, "spread": spread(bases), "reps": len(bases)}
+    all_removed = t0 * median(ratios[("all", 0)]) / r_null
+    mixed_times = {i: t0 * median(ratios[("mix", i)]) / r_null for i in range(len(mixed))}
+    null = est[("null", 0)]
+    base = {"median": t0, "spread": spread(bases), "reps": len(bases),
+            # the machine's noise: the dense model against a copy of itself, and what stayed noisy
+            "noise": {"ratio": null.value, "halfwidth": null.halfwidth, "pairs": null.pairs, "extra_rounds": extra,
+                      "bound": cfg.noise_bound,
+                      "loose": sum(r.halfwidth > cfg.noise_bound for r in est.values()), "variants": len(est)}}
     sparse_mods = {}
     for k in KINDS if sparse_levels else ():
-        zero = ratios[(k, 0)]
+        zero = ratios[(k, 0)][:cfg.rounds]                 # the sparse phase has cfg.rounds rounds
         vals = [[t0 * (a - b) / L for a, b in zip(ratios[("sparse", k, lv, ker)], zero)] for lv, ker in sparse_levels]
         med = [max(median(v), 0.0) for v in vals]
         sparse_mods[k] = {"levels": [lv for lv, _ in sparse_levels], "kernels": [ker for _, ker in sparse_levels],

@@ -3,6 +3,8 @@
 - "prefill": the model on a batch of B prompts of T tokens. Encoders: a plain forward. Causal LMs: the prompt
   pass of `generate()`: a fresh KV cache is filled and only the last position's logits are computed
   (`logits_to_keep=1`), i.e. the time to the first token.
+- "score": causal LMs: one forward over the whole sequence with the logits of every position, no cache: what
+  perplexity, reranking and classification with an LM do, where the LM head (B x T x vocab) is a large share.
 - "decode": one new token per sequence against a KV cache holding T tokens, batch B (causal LMs only).
   The cache is filled once; each call appends one token and crops the cache back to T, so every call sees
   the same cache length and the same allocation pattern as a step of `generate()`.
@@ -15,17 +17,16 @@ from typing import Callable
 import torch
 
 from ..adapters.remote.planner_compat import cache_kwargs, output_cache
+from ..config import MODES
 from ..data import latency_inputs
 from ..errors import PlannerError
-
-MODES = ("prefill", "decode")
 
 
 def check_mode(adapter, mode: str) -> None:
     if mode not in MODES:
         raise PlannerError(f"--mode must be one of {', '.join(MODES)}")
-    if mode == "decode" and not adapter.causal_lm:
-        raise PlannerError(f"--mode decode needs a causal language model; a {adapter.family} model has only the "
+    if mode in ("decode", "score") and not adapter.causal_lm:
+        raise PlannerError(f"--mode {mode} needs a causal language model; a {adapter.family} model has only the "
                            f"prefill regime (use --mode prefill)")
 
 
@@ -40,6 +41,8 @@ def latency_call(model, adapter, mode: str, batch_size: int, seq_len: int, devic
     """A zero-argument callable that runs one timed unit of `mode` on fixed inputs (run it under no_grad)."""
     check_mode(adapter, mode)
     x = latency_inputs(adapter.shape(model).vocab, batch_size, seq_len, device)        # (B, T) ids and mask
+    if mode == "score":
+        return lambda: model(**x, use_cache=False)                    # logits of every position
     if mode == "prefill":
         if adapter.causal_lm:
             return lambda: model(**x, use_cache=True, logits_to_keep=1)

@@ -25,7 +25,7 @@ from ..data import batches as make_batches
 from ..data import token_windows
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
-from ..timing import abba, median, spread, time_calls
+from ..timing import abba, median, ratio_of, spread, warm_up
 from ..types import LatencyProfile, VerifyReport
 from .profile import check_profile
 from .regimes import generation_loop, latency_call
@@ -33,25 +33,32 @@ from .regimes import generation_loop, latency_call
 
 def measure_speedup(dense, comp, adapter, batch_size: int, seq_len: int, reps: int = VerifyConfig.reps,
                     warmup: int = VerifyConfig.warmup, device: str = "cpu", progress: bool = False,
-                    mode: str = "prefill", decode_steps: int = VerifyConfig.decode_steps) -> dict:
-    """Interleaved timing of the two models in `mode` (timing.abba). Times are per call (prefill) or per
-    generated token step (decode, where tokens_per_s = batch / step time is added)."""
+                    mode: str = "prefill", decode_steps: int = VerifyConfig.decode_steps,
+                    max_reps: int = VerifyConfig.max_reps, halfwidth: float = VerifyConfig.halfwidth) -> dict:
+    """Interleaved timing of the two models in `mode` (timing.abba), each warmed to a steady pace first: `reps`
+    pairs, then more until the 95% interval of the speedup (the median per-pair ratio) is within +-halfwidth or
+    max_reps pairs. Times are per call (prefill, score) or per generated token step (decode, where
+    tokens_per_s = batch / step time is added)."""
     if mode == "decode":
         fd, fc = (generation_loop(m, adapter, batch_size, seq_len, decode_steps, device) for m in (dense, comp))
         per = decode_steps                                           # one call generates decode_steps tokens
     else:
         fd, fc = (latency_call(m, adapter, mode, batch_size, seq_len, device) for m in (dense, comp))
         per = 1
-    time_calls(fd, 1, warmup, device)
-    time_calls(fc, 1, warmup, device)
+    warm_up(fd, device, min_calls=max(warmup, 1))
+    warm_up(fc, device, min_calls=max(warmup, 1))
     td, tc = [], []
-    for r in progress_bar(range(reps), desc="verify: timing", unit="pair", progress=progress):
-        a, b = abba(fd, fc, 1, device, start=r)
+    bar = progress_bar(total=reps, desc="verify: timing", unit="pair", progress=progress)
+    while len(td) < max(reps, 1) or (len(td) < max_reps and ratio_of(tc, td).halfwidth > halfwidth):
+        a, b = abba(fd, fc, 1, device, start=len(td))
         td.extend(t / per for t in a)
         tc.extend(t / per for t in b)
-    ratios = [a / b for a, b in zip(td, tc)]
-    out = {"dense_time": median(td), "compressed_time": median(tc), "speedup": median(td) / median(tc),
-           "speedup_spread": spread(ratios), "dense_spread": spread(td), "compressed_spread": spread(tc)}
+        bar.update()
+    bar.close()
+    sp = ratio_of(tc, td)                                            # dense / compressed per pair: the speedup
+    out = {"dense_time": median(td), "compressed_time": median(tc), "speedup": sp.value,
+           "speedup_interval": [sp.lo, sp.hi], "speedup_spread": spread(np.asarray(td) / np.asarray(tc)),
+           "pairs": sp.pairs, "dense_spread": spread(td), "compressed_spread": spread(tc)}
     if mode == "decode":
         out.update(dense_tokens_per_s=batch_size / out["dense_time"], tokens_per_s=batch_size / out["compressed_time"])
     return out
@@ -138,23 +145,26 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
         dense = dense_model if dense_model is not None else dense_ck.load(cfg.device)
         comp, adapter = comp_ck.load(cfg.device), comp_ck.adapter
         sp = measure_speedup(dense, comp, adapter, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup, cfg.device,
-                             progress=progress, mode=mode, decode_steps=cfg.decode_steps)
+                             progress=progress, mode=mode, decode_steps=cfg.decode_steps, max_reps=cfg.max_reps,
+                             halfwidth=cfg.halfwidth)
         cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device) | {"mode": mode}
         q = quality(dense, comp, adapter, comp_ck, texts, cfg, progress)
     if mode == "decode":
         cond["decode_steps"] = cfg.decode_steps
     predicted = None
-    if prof is not None:
-        predicted = prof.base["median"] / prof.predict([s.to_dict() for s in adapter.spec(comp)])
+    if prof is not None:                   # with the closed loop's correction, where the plan had one
+        pred_prof = prof.corrected(**rec["correction"]) if rec.get("correction") else prof
+        predicted = prof.base["median"] / pred_prof.predict([s.to_dict() for s in adapter.spec(comp)])
     else:                                  # the plan's own prediction, where it was made for these conditions
         pc = rec.get("profile", {})
         if pc.get("batch_size") == cfg.batch_size and pc.get("seq_len") == cfg.seq_len and \
                 pc.get("hardware") == cond["key"] and pc.get("mode", "prefill") == mode:
             predicted = rec.get("predicted_speedup")
     q.update({k: sp[k] for k in ("speedup_spread", "dense_tokens_per_s", "tokens_per_s") if k in sp})
+    cond["pairs"] = sp["pairs"]
     rep = VerifyReport(dense=str(dense_ck.path), compressed=str(comp_ck.path), conditions=cond,
                        dense_time=sp["dense_time"], compressed_time=sp["compressed_time"],
-                       measured_speedup=sp["speedup"], predicted_speedup=predicted,
+                       measured_speedup=sp["speedup"], interval=sp["speedup_interval"], predicted_speedup=predicted,
                        prediction_ratio=(predicted / sp["speedup"]) if predicted else None,
                        quality=q, sizes={"dense_params": n_params(dense), "compressed_params": n_params(comp)},
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), plan=rec)
