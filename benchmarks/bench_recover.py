@@ -26,17 +26,16 @@ import time
 from pathlib import Path
 
 import click
-
 import pandas as pd
 import torch
 
 from planner import api, hardware, io
 from planner.adapters.checkpoint import load_model, load_tokenizer
+from planner.cli import config_from, config_options
 from planner.config import RecoverConfig
 from planner.data import HELDOUT, read_lines, sample
 from planner.stages.regimes import latency_call
 from planner.stages.verify import embeddings, lm_quality, similarity_quality
-from planner.cli import config_from, config_options
 from planner.timing import interleaved, median, spread, time_calls
 from planner.types import LatencyProfile, Plan
 

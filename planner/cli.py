@@ -202,12 +202,15 @@ def plan(model, profile_path, out, as_json, quiet, **kw):
     Example: planner plan ./my-bert --profile profiles/.../prefill-b8-s128-float32.json -x 1.5 -x 2 -x 3 --out run/
     """
     from . import api
-    from .reporting.tables import format_plan_table
+    from .reporting.tables import format_plan_table, loop_lines
     plans = api.plan(model, profile_path, config_from(PlanConfig, kw), out, progress=not quiet)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in plans], indent=2, sort_keys=True))
     else:
         click.echo(format_plan_table(plans))
+        for p in plans:
+            for line in loop_lines(p):
+                click.echo(line)
         click.echo(f"plans written to {out}/plan-<target>x.json")
 
 

@@ -27,6 +27,7 @@ the plan's options["closed_loop"].
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import numpy as np
@@ -140,6 +141,7 @@ def close_loop(ck, prof: LatencyProfile, plans: list[Plan], resolve: Callable[[L
     with their round history in options["closed_loop"]."""
     if cfg.loop_rounds <= 0 or not plans:
         return plans
+    t0 = time.perf_counter()
     timer = timer or ArchTimer(ck, prof)
     pts = base_points(prof) + list(points or [])
     states = [{"plan": p, "correction": (p.options.get("closed_loop") or {}).get("correction",
@@ -173,10 +175,11 @@ def close_loop(ck, prof: LatencyProfile, plans: list[Plan], resolve: Callable[[L
             if any(new.kept == q.kept for q in s["plans"]):          # the DP came back to a timed plan: stuck
                 s["done"] = True
             s["plan"] = new
-    return [_settle(s, cfg, pts) for s in states]
+    seconds = time.perf_counter() - t0
+    return [_settle(s, cfg, pts, seconds) for s in states]
 
 
-def _settle(s: dict, cfg: PlanConfig, pts: list[dict]) -> Plan:
+def _settle(s: dict, cfg: PlanConfig, pts: list[dict], seconds: float) -> Plan:
     """The plan to keep: the least lossy one measured within the tolerance; else the least lossy at or above
     the target's lower bound; else the fastest measured."""
     rounds, plans, tol = s["rounds"], s["plans"], cfg.tolerance
@@ -192,7 +195,7 @@ def _settle(s: dict, cfg: PlanConfig, pts: list[dict]) -> Plan:
            "correction": rounds[best]["correction"],
            "status": "within tolerance" if inside else ("faster than the target band" if fast else
                                                         "slower than the target: best measured plan kept"),
-           "points": [p for p in pts if p["source"] != "mixed"]}
+           "points": [p for p in pts if p["source"] != "mixed"], "seconds": seconds}
     return dataclasses.replace(chosen, options={**chosen.options, "closed_loop": rec})
 
 
