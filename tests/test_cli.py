@@ -50,8 +50,10 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
     for v in prof.fit["variants"]:
         assert v["measured"] > 0 and v["predicted"] == pytest.approx(prof.predict(v["layers"]))
     target = round(min(1.5, 0.8 * prof.max_speedup()), 2)
+    # the closed loop times a tiny model's plans with noise as large as their savings: test_loop.py and
+    # test_search.py check it; here the chain of commands, open loop
     r = _ok(["plan", tiny_bert, "--profile", profiled, "-x", target, "--calib", calib_file, "--n-calib", 64,
-             "--out", tmp_path / "run", "-q"])
+             "--loop-rounds", 0, "--out", tmp_path / "run", "-q"])
     assert "heads/ffn" in r.output
     plan = Plan.load(tmp_path / "run" / f"plan-{target:g}x.json")
     assert plan.predicted_time <= prof.base["median"] / target + 1e-12        # the budget holds
@@ -65,8 +67,7 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
     assert "measured" in r.output and "spearman" in r.output
     rep = VerifyReport.load(tmp_path / "v.json")
     assert rep.sizes["compressed_params"] < rep.sizes["dense_params"]
-    corr = plan.options["closed_loop"].get("correction")             # the prediction the loop settled on
-    assert rep.predicted_speedup == pytest.approx(prof.base["median"] / prof.corrected(**corr).predict(plan.kept))
+    assert rep.predicted_speedup == pytest.approx(prof.base["median"] / prof.predict(plan.kept))
     assert rep.interval[0] <= rep.measured_speedup <= rep.interval[1]
     assert -1 <= rep.quality["spearman"] <= 1
 

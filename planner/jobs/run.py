@@ -6,7 +6,6 @@ interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,21 +40,24 @@ def _log(msg, quiet):
         print(msg, flush=True)
 
 
-def baseline_plans(ck, prof, prof_path, plans, cfg: RunConfig, plans_dir, progress: bool):
-    """The uniform magnitude baseline at every target, through the same closed loop as planner's plans (its one
-    width for every block chosen on the corrected profile), so both are compared at the speed they measure."""
-    done = [plans_dir / f"plan-magnitude-uniform-{p.target_speedup:g}x.json" for p in plans]
-    if all(d.exists() for d in done):
-        return [Plan.load(d) for d in done]
-    n_layers = len(plans[0].layers)
+def _planned(plans_dir: Path, prof: LatencyProfile, cfg: RunConfig, ck) -> list[Plan] | None:
+    """The plans of an earlier run of this job, when every target's (and baseline's) plan is there, made for
+    this profile and checkpoint; else None."""
+    names = [f"plan-{t:g}x.json" for t in sorted(cfg.targets)]
+    names += [f"plan-magnitude-uniform-{t:g}x.json" for t in sorted(cfg.targets)] if cfg.baseline else []
+    if not all((plans_dir / n).exists() for n in names):
+        return None
+    plans = [Plan.load(plans_dir / n) for n in names]
+    ok = all(p.profile.get("created") == prof.created and p.model.get("fingerprint") in (None, ck.fingerprint)
+             for p in plans)
+    return plans if ok else None
 
-    def uniform(cprof, p):
-        u = plan_stage.uniform_plan(cprof, p.target_speedup, n_layers, p.model, str(prof_path))
-        return dataclasses.replace(u, profile=plan_stage.profile_identity(prof, prof_path))
-    out = plan_stage.closed_loop(ck, prof, [uniform(prof, p) for p in plans], cfg.plan_config, uniform, progress)
-    for u in out:
-        u.save(plans_dir / plan_stage.plan_name(u))
-    return out
+
+def misses(rep: VerifyReport, target: float, tol: float) -> bool:
+    """Whether a saved model's measured speedup is outside the tolerance band of its target beyond its own 95%
+    interval (a miss the measurement cannot explain)."""
+    lo, hi = rep.interval or [rep.measured_speedup] * 2
+    return hi < target * (1 - tol) or lo > target * (1 + tol)
 
 
 def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) -> "pd.DataFrame":
@@ -75,14 +77,17 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
     _log(f"      {prof.conditions}; dense {prof.base['median']*1e3:.1f} ms, non-prunable {prof.constant*1e3:.2f} ms", quiet)
 
     _log(f"[2/4] plan: OBS database + DP for {', '.join(f'{t:g}x' for t in cfg.targets)}", quiet)
-    plans = plan_stage.plan(ck, prof, prof_path, cfg.plan_config, out / "plans", progress=progress)
-    _log(format_plan_table(plans), quiet)
+    plans = _planned(out / "plans", prof, cfg, ck)
+    if plans is None:
+        plans = plan_stage.plan(ck, prof, prof_path, cfg.plan_config, out / "plans", progress=progress,
+                                baseline=cfg.baseline)
+    else:
+        _log("      reusing the plans (their closed loop ran before)", quiet)
+    _log(format_plan_table([p for p in plans if p.method == "planner"]), quiet)
 
     _log("[3/4] apply: stitch weights, shrink, save portable checkpoints", quiet)
-    jobs = [(p, out / "models" / f"planner-{p.target_speedup:g}x", "obs", None) for p in plans]
-    if cfg.baseline:
-        jobs += [(u, out / "models" / f"magnitude-{u.target_speedup:g}x", "magnitude", "none")
-                 for u in baseline_plans(ck, prof, prof_path, plans, cfg, out / "plans", progress)]
+    jobs = [(p, out / "models" / f"planner-{p.target_speedup:g}x", "obs", None) if p.method == "planner" else
+            (p, out / "models" / f"magnitude-{p.target_speedup:g}x", "magnitude", "none") for p in plans]
     for p, mdir, select, weights in jobs:
         if (mdir / "config.json").exists():
             _log(f"      {mdir.name}: reusing", quiet)
@@ -100,11 +105,10 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             dense = dense if dense is not None else ck.load(pc.device)
             rep = verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath,
                                       dense_model=dense, progress=progress)
-        tol = cfg.plan_config.tolerance
-        if (p.method == "planner" and cfg.plan_config.loop_rounds and "replanned" not in p.options
-                and abs(rep.measured_speedup / p.target_speedup - 1) > tol):
+        if p.method == "planner" and cfg.plan_config.loop_rounds and "replanned" not in p.options and \
+                misses(rep, p.target_speedup, cfg.plan_config.tolerance):
             # the saved model, real weights, missed: plan once more with its measurement in the loop's points
-            _log(f"      {mdir.name}: measured {rep.measured_speedup:.2f}x, outside {tol:.0%} of "
+            _log(f"      {mdir.name}: measured {rep.measured_speedup:.2f}x, outside {cfg.plan_config.tolerance:.0%} of "
                  f"{p.target_speedup:g}x: planning again with that measurement", quiet)
             p = plan_stage.replan(ck, prof, p, cfg.plan_config, rep.measured_speedup, progress)
             p.save(out / "plans" / plan_stage.plan_name(p))

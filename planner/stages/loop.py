@@ -82,7 +82,7 @@ class ArchTimer:
         return latency_call(model, self.adapter, self.prof.mode, self.prof.batch_size, self.prof.seq_len,
                             self.device)
 
-    def measure(self, archs: list[list[dict]], halfwidth: float, min_rounds: int = 12, max_rounds: int = 48,
+    def measure(self, archs: list[list[dict]], halfwidth: float, min_rounds: int = 12, max_rounds: int = 36,
                 progress: bool = False) -> list[Ratio]:
         """time(arch) / time(dense) for each architecture: rounds of one interleaved run over the dense model and
         every architecture (rotating order), the ratio of each round's timings, until every 95% interval of the
@@ -149,7 +149,9 @@ def close_loop(ck, prof: LatencyProfile, plans: list[Plan], resolve: Callable[[L
                "rounds": [], "plans": [], "done": False} for p in plans]
     for r in range(cfg.loop_rounds):
         todo = [s for s in states if not s["done"]]
-        ratios = timer.measure([s["plan"].kept for s in todo], cfg.tolerance / 2, progress=progress)
+        # known to three quarters of the tolerance: enough to tell inside from outside the band in most rounds,
+        # and each round of the loop costs seconds
+        ratios = timer.measure([s["plan"].kept for s in todo], 0.75 * cfg.tolerance, progress=progress)
         for s, ratio in zip(todo, ratios):
             p, t = s["plan"], s["plan"].target_speedup
             measured, lo, hi = 1 / ratio.value, 1 / ratio.hi, 1 / ratio.lo

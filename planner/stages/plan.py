@@ -156,10 +156,12 @@ def plan_name(p: Plan) -> str:
 
 
 def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progress: bool = True, db_dir=None,
-         extra_options: dict | None = None) -> list[Plan]:
+         extra_options: dict | None = None, baseline: bool = False) -> list[Plan]:
     """Build (or reuse) the OBS database of checkpoint `ck` (under out_dir/db, or db_dir) and write one Plan
     per target: out_dir/plan-<t>x.json. Everything that can be refused is refused before the database build.
-    extra_options: more settings to record in every plan (gradual compression marks its steps)."""
+    extra_options: more settings to record in every plan (gradual compression marks its steps). baseline: also
+    the uniform magnitude baseline per target (out_dir/plan-magnitude-uniform-<t>x.json, after the planner's
+    plans in the list), through the same closed loop, timed in the same interleaved runs."""
     out_dir = io.check_out_dir(out_dir)
     check_profile(prof, ck.shape, prof.hardware.get("device", "cpu"), cfg.allow_other_machine)
     ck.check_positions(cfg.calib_max_len, f"--calib-max-len {cfg.calib_max_len}")
@@ -185,8 +187,16 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
         loss_of = stitched_loss(model, ck.adapter, db, cfg, split_batches(batches, cfg.val_fraction)[1])
         plans = [searched(p, loss_of, db, prof, cfg, info, profile_path, calib, out_dir, progress) for p in plans]
     del model
-    plans = closed_loop(ck, prof, plans, cfg, lambda cprof, p: resolve(db, cprof, p, cfg, info, profile_path, calib),
-                        progress)
+    L = len(plans[0].layers)
+    if baseline:
+        plans += [uniform_plan(prof, t, L, info, profile_path) for t in sorted(cfg.targets)]
+
+    def again(cprof, p):
+        if p.method == "planner":
+            return resolve(db, cprof, p, cfg, info, profile_path, calib)
+        u = uniform_plan(cprof, p.target_speedup, L, info, profile_path)
+        return dataclasses.replace(u, profile=p.profile)
+    plans = closed_loop(ck, prof, plans, cfg, again, progress)
     for p in plans:
         p.save(out_dir / plan_name(p))
     return plans
