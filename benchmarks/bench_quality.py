@@ -1,80 +1,146 @@
-"""Which choice helped? Quality at each target for ZipLM-faithful planning and the planner's additions.
+"""Quality that holds on text the planner never saw: one-shot DP, end-to-end search, and recovery, scored on every
+held-out set, with the measured speedup of each saved model; and what the calibration text's source costs.
 
-    python benchmarks/bench_quality.py [--run runs/minilm-b8] [--targets 1.5 2 3]
+    python benchmarks/bench_quality.py --work runs/bench-quality --threads 2 [--targets 1.5 2 3]
+        [--recover-minutes 1.5] [--sources] [--model DIR]
 
-Reuses the profile of a `planner run` directory (same machine), then for each variant builds the database,
-solves, applies and measures quality on the held-out text (speed is the same profile's, so the variants are
-compared at the same predicted speedup; `planner run` measures the real speedups of the default variant).
-  A  ZipLM-faithful: errors on the calibration data itself, normalised by the module output, OBS weights
-  B  A + errors scored on held-out calibration passages
-  C  B + errors normalised by the residual stream
-  D  C + sequential re-fit of kept weights (the planner's default)
-  M  uniform magnitude baseline
+Part 1 runs the main job twice on the default encoder (all-MiniLM-L6-v2, batch 8 x 128): `planner run --search 0
+--recover-minutes 0` (the DP's plans, one-shot), then `planner run` with its defaults (end-to-end search and
+recovery) on the same profile and OBS database. Every model is verified on every shipped held-out set: the
+project's own (written with the calibration text) and the two from outside sources (heldout_docs: standard library
+docstrings; heldout_packages: package descriptions). The table has each set's Spearman and nearest-neighbour
+agreement, the worst set's (the headline), and the saved model's measured speedup with its 95% interval.
+
+Part 2 (--sources) plans 2x with the calibration text from each source (the shipped corpus; standard-library
+docstrings; package descriptions, from the pools benchmarks/make_heldout_sets.py leaves out of the held-out sets,
+so no scored passage was calibrated on), applies it (one-shot, open loop: speed is not the question) and scores it
+on every held-out set, and reports each source's token coverage of every set (data.token_coverage), the statistic
+`verify` warns on.
+
+Writes WORK/results.md and WORK/results.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
-from planner import api
-from planner.adapters.checkpoint import load_model, load_tokenizer
-from planner.config import PlanConfig
-from planner.data import HELDOUT, read_lines, sample
-from planner.jobs.run import default_model
-from planner.stages.plan import uniform_plan
-from planner.stages.verify import embeddings, similarity_quality
-from planner.types import LatencyProfile
+import planner
+from planner import data, io
+from planner.adapters.checkpoint import Checkpoint
+from planner.config import PlanConfig, ProfileConfig, RunConfig, VerifyConfig
+from planner.jobs import run as run_job
+from planner.types import Plan, VerifyReport
 
-VARIANTS = {
-    "A zipLM-faithful": dict(val_fraction=0.0, error_norm="module", weights="obs"),
-    "B +held-out errors": dict(val_fraction=0.25, error_norm="module", weights="obs"),
-    "C +residual norm": dict(val_fraction=0.25, error_norm="residual", weights="obs"),
-    "D +sequential (default)": dict(val_fraction=0.25, error_norm="residual", weights="sequential"),
-}
+SETS = ("heldout", "docs", "packages")
+
+
+def _row(variant: str, t: float, rep: VerifyReport) -> dict:
+    q = rep.quality
+    row = {"variant": variant, "target": t, "measured": rep.measured_speedup,
+           "interval": f"[{rep.interval[0]:.3f}, {rep.interval[1]:.3f}]" if rep.interval else ""}
+    for s in SETS:
+        v = q.get("sets", {}).get(s, {})
+        row[f"spearman[{s}]"], row[f"nn[{s}]"] = v.get("spearman"), v.get("nn_agree")
+    row["spearman (worst)"], row["nn (worst)"] = q["spearman"], q["nn_agree"]
+    return row
+
+
+def part1(a, model: Path, work: Path) -> tuple[list[dict], dict]:
+    pcfg = ProfileConfig(batch_size=8, seq_len=128, threads=a.threads)
+    dp, full = work / "dp", work / "full"
+    t0 = time.perf_counter()
+    run_job.run(model, dp, RunConfig(targets=tuple(a.targets), profile=pcfg, plan=PlanConfig(search=0),
+                                     recover_minutes=0.0), quiet=True)
+    t_dp = time.perf_counter() - t0
+    full.mkdir(parents=True, exist_ok=True)                          # the same profile and database
+    for f in dp.glob("profile-*.json"):
+        shutil.copy(f, full / f.name)
+    if not (full / "plans" / "db").exists():
+        shutil.copytree(dp / "plans" / "db", full / "plans" / "db")
+    t0 = time.perf_counter()
+    run_job.run(model, full, RunConfig(targets=tuple(a.targets), profile=pcfg, recover_minutes=a.recover_minutes),
+                quiet=True)
+    t_full = time.perf_counter() - t0
+    rows = []
+    for t in a.targets:
+        rows.append(_row("one-shot DP", t, VerifyReport.load(dp / "verify" / f"planner-{t:g}x.json")))
+        p = Plan.load(full / "plans" / f"plan-{t:g}x.json")
+        kept = (p.options.get("search") or {}).get("kept", True)
+        rows.append(_row("searched" if kept else "searched (the DP's plan kept)", t,
+                         VerifyReport.load(full / "verify" / f"planner-{t:g}x.json")))
+        rec = full / "verify" / f"recovered-{t:g}x.json"
+        if rec.exists():
+            rows.append(_row(f"searched + {a.recover_minutes:g} min recovery", t, VerifyReport.load(rec)))
+        rows.append(_row("uniform magnitude", t, VerifyReport.load(dp / "verify" / f"magnitude-{t:g}x.json")))
+    return rows, {"dp job s": t_dp, "full job s (same profile and database)": t_full}
+
+
+def _pools(n: int) -> dict[str, list[str]]:
+    """Calibration text per source: the shipped corpus, and the outside sources' sentences not held out."""
+    import make_heldout_sets as m
+    held = {s: set(data.read_lines(data.shipped(data.HELDOUT_SETS[s]))) for s in ("docs", "packages")}
+    docs = sorted(set(m.stdlib_docstrings()) - held["docs"])
+    pkgs = sorted(set(m.package_descriptions()[0]) - held["packages"])
+    out = {"calibration": data.read_lines(None)}
+    for name, lines in (("docs", docs), ("packages", pkgs)):
+        random.Random(1).shuffle(lines)
+        out[name] = lines[:n]
+    return out
+
+
+def part2(a, model: Path, work: Path) -> list[dict]:
+    prof_path = next((work / "dp").glob("profile-*.json"))
+    ck = Checkpoint.open(model)
+    sets = {name: data.sample(data.read_lines(p), 512, seed=1) for name, p in data.heldout_sets().items()}
+    rows = []
+    for src, lines in _pools(1024).items():
+        calib = work / f"calib-{src}.txt"
+        calib.write_text("\n".join(lines) + "\n")
+        cfg = PlanConfig(targets=(2.0,), calib_path=str(calib), search=0, loop_rounds=0)
+        [p] = planner.plan(model, prof_path, cfg, work / f"plans-{src}", progress=False)
+        out, _ = planner.apply(model, p, work / f"model-calib-{src}", progress=False)
+        rep = planner.verify(model, out, VerifyConfig(batch_size=8, seq_len=128, threads=a.threads, reps=5,
+                                                      max_reps=5), progress=False)
+        row = {"calibrated on": src, "passages": len(lines)}
+        for s in SETS:
+            row[f"spearman[{s}]"] = rep.quality["sets"][s]["spearman"]
+            row[f"coverage[{s}]"] = data.token_coverage(ck.tokenizer, lines, sets[s])
+        row["spearman (worst)"] = rep.quality["spearman"]
+        rows.append(row)
+    return rows
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/minilm-b8")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"))
+    ap.add_argument("--model", type=Path, default=None, help="an encoder directory (default: all-MiniLM-L6-v2)")
     ap.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
-    ap.add_argument("--work", default="runs/bench-quality")
+    ap.add_argument("--recover-minutes", type=float, default=RunConfig.recover_minutes)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sources", action="store_true", help="also the calibration-source table (part 2)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    model_path = default_model()
-    prof_path = next(Path(a.run).glob("profile-*.json"))
-    prof = LatencyProfile.load(prof_path)
-    dense, adapter = load_model(model_path)
-    tok = load_tokenizer(model_path)
-    texts = sample(read_lines(None, HELDOUT), 512, seed=1)
-    e_dense = embeddings(dense, adapter, tok, texts)
-    rows = []
-    for name, v in VARIANTS.items():
-        t0 = time.time()
-        cfg = PlanConfig(targets=tuple(a.targets), val_fraction=v["val_fraction"], error_norm=v["error_norm"],
-                         sequential=v["weights"] == "sequential")
-        plans = api.plan(model_path, prof_path, cfg, Path(a.work) / f"db-val{v['val_fraction']}-{v['error_norm']}",
-                         progress=False)
-        for p in plans:
-            _, m = api.apply(model_path, p, Path(a.work) / "tmp-model", weights=v["weights"], progress=False)
-            q = similarity_quality(e_dense, embeddings(m, adapter, tok, texts))
-            ffn = [l["ffn"] for l in p.layers]
-            rows.append({"variant": name, "target": p.target_speedup, "pred": p.predicted_speedup, **q,
-                         "min_ffn": min(ffn), "mean_ffn": sum(ffn) / len(ffn)})
-        print(f"{name}: {time.time() - t0:.0f}s", flush=True)
-    for t in a.targets:
-        u = uniform_plan(prof, t, len(adapter.layers(dense)))
-        _, m = api.apply(model_path, u, Path(a.work) / "tmp-model", select="magnitude", weights="none",
-                         progress=False, check_fingerprint=False)
-        q = similarity_quality(e_dense, embeddings(m, adapter, tok, texts))
-        rows.append({"variant": "M uniform magnitude", "target": t, "pred": u.predicted_speedup, **q,
-                     "min_ffn": u.layers[0]["ffn"], "mean_ffn": u.layers[0]["ffn"]})
-    df = pd.DataFrame(rows).sort_values(["target", "variant"])
-    print(f"\nConditions: {prof.conditions}; held-out: {len(texts)} passages of planner/data/heldout.txt\n")
-    print(df.to_markdown(index=False, floatfmt=".3f"))
+    torch.set_num_threads(a.threads)
+    a.work.mkdir(parents=True, exist_ok=True)
+    model = a.model or run_job.default_model()
+    import pandas as pd
+    rows, times = part1(a, model, a.work)
+    text = (f"Conditions: all-MiniLM-L6-v2, batch 8 x 128, {a.threads} threads, torch {torch.__version__}; held-out "
+            f"sets: {', '.join(SETS)} (512 passages each); job times {json.dumps({k: round(v) for k, v in times.items()})}"
+            "\n\n" + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
+    src = part2(a, model, a.work) if a.sources else []
+    if src:
+        text += "\n\nCalibration source (2x, one-shot DP, open loop):\n\n" + \
+            pd.DataFrame(src).to_markdown(index=False, floatfmt=".3f")
+    print(text)
+    with io.atomic_path(a.work / "results.md") as tmp:
+        tmp.write_text(text + "\n")
+    io.write_json(a.work / "results.json", {"rows": rows, "times": times, "sources": src})
 
 
 if __name__ == "__main__":

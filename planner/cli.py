@@ -279,9 +279,12 @@ def verify(dense, compressed, profile_path, out, as_json, quiet, **kw):
 @config_options("run", ProfileConfig)
 @config_options("run", PlanConfig, exclude=("targets", "device"))
 @config_options("run", VerifyConfig, prefix="verify-", exclude=_RUN_SHARED)
+@click.option("--recover-minutes", type=float, default=RunConfig.recover_minutes, show_default=True,
+              help="distillation budget per planned model (0: one-shot models only)")
+@config_options("run", RecoverConfig, prefix="recover-", exclude=("minutes", "steps", "threads", "device"))
 @click.option("--no-baseline", is_flag=True, help="skip the uniform magnitude baseline")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or step messages; only the results table")
-def run(model, targets, out, no_baseline, quiet, **kw):
+def run(model, targets, out, recover_minutes, no_baseline, quiet, **kw):
     """The whole job: profile → plan → apply → verify (+ magnitude baseline), then a results table.
 
     MODEL defaults to the embedded all-MiniLM-L6-v2. Rerunning resumes from what is already in --out.
@@ -292,7 +295,10 @@ def run(model, targets, out, no_baseline, quiet, **kw):
     pcfg = config_from(ProfileConfig, kw)
     cfg = RunConfig(targets=tuple(targets), profile=pcfg,
                     plan=config_from(PlanConfig, kw, exclude=("targets", "device")),
-                    verify=config_from(VerifyConfig, kw, prefix="verify-", exclude=_RUN_SHARED), baseline=not no_baseline)
+                    verify=config_from(VerifyConfig, kw, prefix="verify-", exclude=_RUN_SHARED), baseline=not no_baseline,
+                    recover=config_from(RecoverConfig, kw, prefix="recover-", exclude=("minutes", "steps", "threads",
+                                                                                       "device")),
+                    recover_minutes=recover_minutes)
     api.run(model, out, cfg, quiet=quiet)
 
 

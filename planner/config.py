@@ -50,6 +50,8 @@ class ProfileConfig(_Config):
     ffn_step: int = opt(32, "FFN widths timed: multiples of this (kernel-friendly), plus 0 and the dense width")
     method: str = opt("model", "time each option inside the running model, or the module alone (encoders)",
                       choices=("model", "module"))
+    decode_steps: int = opt(16, "decode: greedy steps of the generation loop that is one timed call (per-step times "
+                            "are stored)")
     warmup: int = opt(1, "untimed calls before timing each model")
     reps: int = opt(2, "dense/variant ABBA pairs per variant and round (--method module: calls)")
     rounds: int = opt(4, "interleaved rounds over all options (drift hits every option alike)")
@@ -73,6 +75,7 @@ class ProfileConfig(_Config):
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
         _check(self.ffn_step >= 1, "--ffn-step must be >= 1")
+        _check(self.decode_steps >= 1, "--decode-steps must be >= 1")
         _check(self.method in ("model", "module"), "--method must be 'model' or 'module'")
         _check(self.reps >= 1 and self.sparse_reps >= 1 and self.rounds >= 1,
                "--reps, --sparse-reps and --rounds must be >= 1")
@@ -102,9 +105,9 @@ class PlanConfig(_Config):
     sparse: bool = opt(True, "also offer the sparse levels the profile timed (profile --sparsity), per module")
     structured: bool = opt(True, "offer only the full width or a sparse level per module (the architecture is "
                            "kept)", flag="sparse-only", invert=True)
-    search: int = opt(0, "SPDY search: candidate plans per target scored by the stitched model's calibration "
-                      "loss (0: the plain DP); resumable")
-    search_minutes: float | None = opt(None, "time budget of the search per target", type=float)
+    search: int = opt(64, "end-to-end search: at most this many candidate plans per target, each deployed as "
+                      "apply would and scored on held-back calibration text (0: the DP's plan); resumable")
+    search_minutes: float | None = opt(1.5, "time budget of the search per target (minutes)", type=float)
     n_buckets: int = opt(10_000, "time buckets of the DP (its resolution)", flag="buckets")
     tolerance: float = opt(0.02, "closed loop: a plan is kept when its measured speedup is within this share of "
                            "its target")
@@ -169,13 +172,14 @@ class VerifyConfig(_Config):
                                 flag="text", type=str, path=True)
     n_text: int = opt(512, "held-out passages scored")
     mode: str | None = opt(None, "latency regime (default: the profile's or the plan's)", choices=MODES, type=str)
-    decode_steps: int = opt(16, "decode: greedy steps per timed generation loop")
+    decode_steps: int | None = opt(None, "decode: greedy steps per timed generation loop (default: the profile's, "
+                                   "else profile --decode-steps' default)", type=int)
     ppl_window: int = opt(128, "causal LMs: tokens per perplexity window")
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.seq_len >= 1, "--batch-size and --seq-len must be >= 1")
         _check(self.mode in (None, *MODES), f"--mode must be one of {', '.join(MODES)}")
-        _check(self.decode_steps >= 1, "--decode-steps must be >= 1")
+        _check(self.decode_steps is None or self.decode_steps >= 1, "--decode-steps must be >= 1")
         _check(self.ppl_window >= 2, "--ppl-window must be >= 2")
         _check(self.reps >= 3, "--reps must be >= 3")
         _check(self.max_reps >= self.reps and 0 < self.halfwidth < 1, "--max-reps >= --reps, --halfwidth in (0, 1)")
@@ -213,7 +217,8 @@ class RecoverConfig(_Config):
     substitute: float = opt(0.1, "share of tokens replaced by random vocabulary pieces")
     val_fraction: float = opt(0.1, "passages held back for evaluation and early stopping")
     eval_every: int = opt(200, "optimizer steps between evaluations")
-    patience: int = opt(0, "evaluations without improvement before stopping early (0: never)")
+    patience: int = opt(3, "evaluations without an improvement of --min-delta before stopping early (0: never)")
+    min_delta: float = opt(0.005, "relative improvement of the held-back loss that counts as one")
     ckpt_every: int = opt(200, "optimizer steps between resumable checkpoints")
     freeze_embeddings: bool = opt(True, "keep the teacher's input embeddings (they are not pruned)")
     dropout: bool = opt(False, "train with the model's dropout on")
@@ -242,7 +247,7 @@ class RecoverConfig(_Config):
         _check(0 <= self.concat <= 1 and 0 <= self.substitute < 1, "--concat in [0, 1], --substitute in [0, 1)")
         _check(0 < self.val_fraction < 0.9, "--val-fraction must be in (0, 0.9)")
         _check(self.eval_every >= 1 and self.ckpt_every >= 1, "--eval-every and --ckpt-every must be >= 1")
-        _check(self.patience >= 0, "--patience must be >= 0")
+        _check(self.patience >= 0 and 0 <= self.min_delta < 1, "--patience >= 0, --min-delta in [0, 1)")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
         _check(self.autocast in ("auto", "bf16", "off"), "--autocast must be auto, bf16 or off")
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
@@ -250,15 +255,28 @@ class RecoverConfig(_Config):
 
 @dataclass(frozen=True)
 class RunConfig(_Config):
-    """The main job (`planner run`): one profile, one plan per target, the uniform baseline, verify."""
+    """The main job (`planner run`): one profile, one plan per target, the uniform baseline, verify, and a short
+    recovery of every planned model (rows for the one-shot and the recovered model side by side)."""
     targets: tuple[float, ...] = (1.5, 2.0, 3.0)
     profile: ProfileConfig = ProfileConfig()
     plan: PlanConfig = PlanConfig()
     verify: VerifyConfig = VerifyConfig()
     baseline: bool = True
+    recover: RecoverConfig = RecoverConfig()
+    # the main job's recovery budget per target (minutes; 0: one-shot models only); longer runs: `planner recover`
+    recover_minutes: float = 1.5
 
     def __post_init__(self):
         _check(len(self.targets) >= 1, "give at least one --speedup target")
+        _check(self.recover_minutes >= 0, "--recover-minutes must be >= 0 (0: no recovery)")
+
+    @property
+    def recover_config(self) -> RecoverConfig | None:
+        """The recovery each planned model gets (None: one-shot only), at the profile's threads and device."""
+        if not self.recover_minutes:
+            return None
+        return self.recover.replace(minutes=self.recover_minutes, steps=None, threads=self.profile.threads,
+                                    device=self.profile.device)
 
     @property
     def plan_config(self) -> PlanConfig:

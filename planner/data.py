@@ -11,6 +11,9 @@ from .errors import PlannerError
 
 CALIBRATION = "calibration.txt"   # shipped, original text written for this project
 HELDOUT = "heldout.txt"           # shipped, disjoint from the calibration text
+# every shipped held-out set, by name: the project's own (written with the calibration text, same style) and two
+# from sources the project did not write (benchmarks/make_heldout_sets.py; planner/data/SOURCES.md)
+HELDOUT_SETS = {"heldout": HELDOUT, "docs": "heldout_docs.txt", "packages": "heldout_packages.txt"}
 DISTILL = "distill.txt"           # shipped, more original passages for recovery: with CALIBRATION, the default
                                   # training text (disjoint from HELDOUT, no shared 5-word run)
 
@@ -34,6 +37,13 @@ def read_lines(path: str | Path | None, default: str = CALIBRATION, what: str = 
     if not lines:
         raise PlannerError(f"{what} {p} is empty: give at least a few passages, one per line")
     return lines
+
+
+def heldout_sets(text_path=None) -> dict[str, Path]:
+    """{name: file} of the held-out text to score on: the user's file (named by its stem), or every shipped set."""
+    if text_path:
+        return {Path(text_path).stem: Path(text_path)}
+    return {name: shipped(f) for name, f in HELDOUT_SETS.items() if shipped(f).exists()}
 
 
 def sample(lines: list[str], n: int, seed: int = 0) -> list[str]:
@@ -106,3 +116,11 @@ def window_batches(tokenizer, texts: list[str], window: int, batch_size: int, vo
     w = token_windows(tokenizer, texts, window, vocab)               # (N, window)
     return [{"input_ids": w[s:s + batch_size], "attention_mask": torch.ones_like(w[s:s + batch_size]),
              "index": torch.arange(s, min(s + batch_size, len(w)))} for s in range(0, len(w), batch_size)]
+
+
+def token_coverage(tokenizer, reference: list[str], texts: list[str]) -> float:
+    """Share of the tokens of `texts` (counted with repeats) whose token occurs anywhere in `reference`: a cheap
+    measure of how far a held-out text is from the calibration text (the model's compression was fitted there)."""
+    ref = {t for r in reference for t in tokenizer(r, add_special_tokens=False)["input_ids"]}
+    ids = [t for x in texts for t in tokenizer(x, add_special_tokens=False)["input_ids"]]
+    return sum(t in ref for t in ids) / max(len(ids), 1)

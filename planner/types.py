@@ -120,6 +120,8 @@ class LatencyProfile(_JSON):
     # module times with every linear of the module on a sparse kernel, at full width (profile --sparsity):
     # kind -> {"levels": [sparsity], "kernels": ["csr" | "2:4"], "median": [s], "spread": [s]}
     sparse: dict = field(default_factory=dict)
+    # decode: the timed call was a generation loop of this many greedy steps (times are per step); 0: one step
+    decode_steps: int = 0
 
     def times(self, kind: str) -> ModuleTimes:
         return ModuleTimes(**self.modules[kind])

@@ -30,7 +30,7 @@ def work(tiny_bert, calib_file, tmp_path_factory):
     prof = root / "p.json"
     _ok(["profile", tiny_bert, *FAST, "--n-mixed", 3, "--out", prof, "-q"])
     target = _inside(planner.LatencyProfile.load(prof))
-    _ok(["plan", tiny_bert, "--profile", prof, "-x", target, "--calib", calib_file, "--n-calib", 32,
+    _ok(["plan", "--search", 0, tiny_bert, "--profile", prof, "-x", target, "--calib", calib_file, "--n-calib", 32,
          "--out", root / "plans", "-q"])
     plan = root / "plans" / f"plan-{target:g}x.json"
     _ok(["apply", tiny_bert, plan, "--out", root / "small", "-q"])
@@ -38,7 +38,7 @@ def work(tiny_bert, calib_file, tmp_path_factory):
     lprof = root / "lp.json"
     _ok(["profile", llama, *FAST, "--n-mixed", 3, "--out", lprof, "-q"])
     lt = _inside(planner.LatencyProfile.load(lprof))
-    _ok(["plan", llama, "--profile", lprof, "-x", lt, "--calib", calib_file, "--n-calib", 32,
+    _ok(["plan", "--search", 0, llama, "--profile", lprof, "-x", lt, "--calib", calib_file, "--n-calib", 32,
          "--out", root / "lplans", "-q"])
     _ok(["apply", llama, root / "lplans" / f"plan-{lt:g}x.json", "--out", root / "lsmall", "-q"])
     return {"root": root, "profile": prof, "plan": plan, "small": root / "small", "llama": llama,
@@ -84,7 +84,7 @@ def test_sequence_longer_than_the_position_embeddings(work, tiny_bert, tmp_path,
          "position embeddings for 160 tokens: use at most 160")
     _err(["verify", tiny_bert, work["small"], "-b", 1, "-s", 400, "--reps", 3], "--seq-len 400 needs 400 positions")
     with pytest.raises(PlannerError, match="--calib-max-len 200 needs 200 positions"):
-        planner.plan(tiny_bert, work["profile"], PlanConfig(targets=(1.1,), calib_path=str(calib_file),
+        planner.plan(tiny_bert, work["profile"], PlanConfig(search=0, targets=(1.1,), calib_path=str(calib_file),
                                                             calib_max_len=200), tmp_path / "o", progress=False)
     with pytest.raises(PlannerError, match="--max-len 300 needs 300 positions"):
         planner.recover(work["small"], tiny_bert, RecoverConfig(steps=1, max_len=300), out=tmp_path / "r",
@@ -118,7 +118,7 @@ def test_causal_lm_tokenizer_without_an_end_of_text_token(work, tmp_path, calib_
         f.unlink()
     (d / "vocab.txt").unlink(missing_ok=True)
     _word_tokenizer(list(dict.fromkeys(_vocab()))).save_pretrained(str(d))
-    line = _err(["plan", d, "--profile", work["lprofile"], "-x", _inside(planner.LatencyProfile.load(work["lprofile"])),
+    line = _err(["plan", "--search", 0, d, "--profile", work["lprofile"], "-x", _inside(planner.LatencyProfile.load(work["lprofile"])),
                  "--calib", calib_file, "--n-calib", 32,
                  "--out", tmp_path / "o"], "no EOS")
     assert "eos_token" in line and not (tmp_path / "o" / "db" / "index.json").exists()
@@ -145,14 +145,14 @@ def test_outputs_that_are_existing_files_or_inputs(work, tiny_bert, tmp_path, ca
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me\n")
     _err(["profile", tiny_bert, *FAST, "--out", tmp_path], "is a directory")
-    _err(["plan", tiny_bert, "--profile", work["profile"], "-x", 1.1, "--calib", calib_file, "--out", a_file],
+    _err(["plan", "--search", 0, tiny_bert, "--profile", work["profile"], "-x", 1.1, "--calib", calib_file, "--out", a_file],
          "is an existing file")
     _err(["apply", tiny_bert, work["plan"], "--out", a_file], "is an existing file")
     _err(["recover", work["small"], "--teacher", tiny_bert, "--steps", 1, "--out", a_file], "is an existing file")
     _err(["verify", tiny_bert, work["small"], *FAST[2:6], "--reps", 3, "--out", tmp_path], "is a directory")
     _err(["report", work["root"] / "plans", "--out", a_file], "is an existing file")
-    _err(["run", tiny_bert, "--out", a_file], "is an existing file")
-    _err(["plan", tiny_bert, "--profile", work["profile"], "-x", 1.1, "--calib", calib_file,
+    _err(["run", "--search", 0, tiny_bert, "--out", a_file], "is an existing file")
+    _err(["plan", "--search", 0, tiny_bert, "--profile", work["profile"], "-x", 1.1, "--calib", calib_file,
           "--out", a_file / "sub"], "is a file, not a directory")
     assert a_file.read_text() == "keep me\n"
     # the source model is never overwritten, nor a directory planner did not write
@@ -201,7 +201,7 @@ def test_profile_of_other_threads_on_this_machine_plans(work, tiny_bert, tmp_pat
     assert d["hardware"]["threads"] == 1
     planner.hardware.set_threads(2)
     try:
-        _ok(["plan", tiny_bert, "--profile", work["profile"], "-x", 1.05, "--calib", calib_file, "--n-calib", 32,
+        _ok(["plan", "--search", 0, tiny_bert, "--profile", work["profile"], "-x", 1.05, "--calib", calib_file, "--n-calib", 32,
              "--out", tmp_path / "o", "-q"])
     finally:
         planner.hardware.set_threads(1)

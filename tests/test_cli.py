@@ -52,7 +52,7 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
     target = round(min(1.5, 0.8 * prof.max_speedup()), 2)
     # the closed loop times a tiny model's plans with noise as large as their savings: test_loop.py and
     # test_search.py check it; here the chain of commands, open loop
-    r = _ok(["plan", tiny_bert, "--profile", profiled, "-x", target, "--calib", calib_file, "--n-calib", 64,
+    r = _ok(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", target, "--calib", calib_file, "--n-calib", 64,
              "--loop-rounds", 0, "--out", tmp_path / "run", "-q"])
     assert "heads/ffn" in r.output
     plan = Plan.load(tmp_path / "run" / f"plan-{target:g}x.json")
@@ -89,7 +89,7 @@ def test_unknown_model_type(tmp_path):
 
 def test_missing_paths(tmp_path, tiny_bert, profiled):
     _err(["profile", tmp_path / "nope", *FAST], "not found")
-    _err(["plan", tiny_bert, "--profile", tmp_path / "nope.json", "-x", 2, "--out", tmp_path / "o"], "not found")
+    _err(["plan", "--search", 0, tiny_bert, "--profile", tmp_path / "nope.json", "-x", 2, "--out", tmp_path / "o"], "not found")
     _err(["verify", tiny_bert, tmp_path / "nope"], "not found")
     d = tmp_path / "noconfig"
     d.mkdir()
@@ -100,7 +100,7 @@ def test_missing_paths(tmp_path, tiny_bert, profiled):
 def test_corrupted_profile_and_weights(tmp_path, tiny_bert, calib_file):
     bad = tmp_path / "bad.json"
     bad.write_text('{"kind": "LatencyProfile", "schema_')
-    _err(["plan", tiny_bert, "--profile", bad, "-x", 2, "--out", tmp_path / "o"], "not valid JSON")
+    _err(["plan", "--search", 0, tiny_bert, "--profile", bad, "-x", 2, "--out", tmp_path / "o"], "not valid JSON")
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in Path(tiny_bert).iterdir():
@@ -112,23 +112,23 @@ def test_corrupted_profile_and_weights(tmp_path, tiny_bert, calib_file):
 
 def test_mismatched_profile(tmp_path, tiny_bert, profiled, calib_file):
     other = make_tiny(tmp_path / "other", hidden=32, heads=2, ffn=64)
-    _err(["plan", other, "--profile", profiled, "-x", 1.2, "--calib", calib_file, "--out", tmp_path / "o"],
+    _err(["plan", "--search", 0, other, "--profile", profiled, "-x", 1.2, "--calib", calib_file, "--out", tmp_path / "o"],
          "profile is for architecture")
     d = json.loads(Path(profiled).read_text())
     d["hardware"]["key"] = "some-other-cpu-t64"
     d["hardware"]["name"] = "Some Other CPU"
     moved = tmp_path / "moved.json"
     moved.write_text(json.dumps(d))
-    _err(["plan", tiny_bert, "--profile", moved, "-x", 1.2, "--calib", calib_file, "--out", tmp_path / "o"],
+    _err(["plan", "--search", 0, tiny_bert, "--profile", moved, "-x", 1.2, "--calib", calib_file, "--out", tmp_path / "o"],
          "--allow-other-machine")
     assert not (tmp_path / "o").exists()
     # the override works
-    _ok(["plan", tiny_bert, "--profile", moved, "-x", 1.1, "--calib", calib_file, "--n-calib", 32,
+    _ok(["plan", "--search", 0, tiny_bert, "--profile", moved, "-x", 1.1, "--calib", calib_file, "--n-calib", 32,
          "--allow-other-machine", "--out", tmp_path / "o3", "-q"])
 
 
 def test_unreachable_target(tmp_path, tiny_bert, profiled, calib_file):
-    line = _err(["plan", tiny_bert, "--profile", profiled, "-x", 1000, "--calib", calib_file, "--out", tmp_path / "o"],
+    line = _err(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", 1000, "--calib", calib_file, "--out", tmp_path / "o"],
                 "largest reachable speedup")
     assert "x" in line
     assert not (tmp_path / "o").exists()
@@ -137,7 +137,7 @@ def test_unreachable_target(tmp_path, tiny_bert, profiled, calib_file):
 def test_empty_calibration(tmp_path, tiny_bert, profiled):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    _err(["plan", tiny_bert, "--profile", profiled, "-x", 1.1, "--calib", empty, "--out", tmp_path / "o"], "empty")
+    _err(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", 1.1, "--calib", empty, "--out", tmp_path / "o"], "empty")
     assert not list(tmp_path.rglob("plan-*.json"))
 
 
@@ -145,7 +145,7 @@ def test_bad_option_values(tiny_bert, tmp_path, profiled):
     line = _err(["profile", tiny_bert, "--batch-size", 0, "--out", tmp_path / "p.json"], "batch-size")
     assert line == "error: --batch-size must be >= 1"
     assert not (tmp_path / "p.json").exists()
-    line = _err(["plan", tiny_bert, "--profile", profiled, "-x", 0.5, "--out", tmp_path / "o"], "> 1")
+    line = _err(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", 0.5, "--out", tmp_path / "o"], "> 1")
     assert "0.5" in line or "speedup" in line
     assert not (tmp_path / "o").exists()
 

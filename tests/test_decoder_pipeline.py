@@ -34,7 +34,7 @@ def test_profile_plan_apply_verify(tiny_llama, tmp_path, calib_file, heldout_fil
     assert prof.mode == mode and prof.shape["kv_heads"] == 4 and prof.times("attn").widths == [0, 1, 2, 3, 4]
     assert 1.0 < prof.max_speedup() < float("inf")
     target = round(1 + min(0.3, 0.5 * (prof.max_speedup() - 1)), 2)      # well inside what the profile reaches
-    [plan] = planner.plan(tiny_llama, ppath, PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64,
+    [plan] = planner.plan(tiny_llama, ppath, PlanConfig(search=0, targets=(target,), calib_path=str(calib_file), n_calib=64,
                                                         calib_max_len=32), tmp_path / "plans", progress=False)
     assert plan.predicted_speedup >= target * 0.999
     out, model = planner.apply(tiny_llama, plan, tmp_path / "small", progress=False)
@@ -156,7 +156,7 @@ def test_gradual_family_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout
     top = prof.max_speedup()
     t1, t2 = round(1 + 0.2 * (top - 1), 2), round(1 + 0.5 * (top - 1), 2)
     df = planner.compress(tiny_llama, ppath, tmp_path / "fam",
-                          PlanConfig(targets=(t2, t1), calib_path=str(calib_file), n_calib=48, calib_max_len=32),
+                          PlanConfig(search=0, targets=(t2, t1), calib_path=str(calib_file), n_calib=48, calib_max_len=32),
                           RecoverConfig(data_path=str(calib_file), steps=3, batch_size=4, max_len=32, minutes=None,
                                         eval_every=3, ckpt_every=3),
                           VerifyConfig(batch_size=2, seq_len=16, reps=3, threads=1, n_text=24, mode="decode",

@@ -35,7 +35,7 @@ def _targets(profile_path):
 def test_compress_builds_a_family(tiny_bert, profiled, calib_file, heldout_file, tmp_path, monkeypatch):
     t1, t2 = _targets(profiled)
     out = tmp_path / "fam"
-    args = ["compress", tiny_bert, "--profile", profiled, "-x", t2, "-x", t1, "--calib", calib_file, "--n-calib", 48,
+    args = ["compress", tiny_bert, "--profile", profiled, "-x", t2, "-x", t1, "--calib", calib_file, "--n-calib", 48, "--search", 0,
             "--recover-data", calib_file, "--recover-steps", 3, "--verify-reps", 3, "--out", out, "-q"]
     r = _ok(args)
     assert "spearman" in r.output and f"{t1:g}x" in r.output
@@ -73,7 +73,7 @@ def test_compress_builds_a_family(tiny_bert, profiled, calib_file, heldout_file,
 
 def test_compress_without_recovery_and_bad_targets(tiny_bert, profiled, calib_file, tmp_path):
     t1, _ = _targets(profiled)
-    df = planner.compress(tiny_bert, profiled, tmp_path / "f", PlanConfig(targets=(t1,), calib_path=str(calib_file),
+    df = planner.compress(tiny_bert, profiled, tmp_path / "f", PlanConfig(search=0, targets=(t1,), calib_path=str(calib_file),
                                                                         n_calib=32), None,
                           planner.VerifyConfig(batch_size=2, seq_len=16, reps=3), progress=False)
     assert len(df) == 1 and df["recover_min"].iloc[0] == 0.0
@@ -85,7 +85,7 @@ def test_compress_without_recovery_and_bad_targets(tiny_bert, profiled, calib_fi
 
 def test_apply_recover_shortcut(tiny_bert, profiled, calib_file, tmp_path):
     t1, _ = _targets(profiled)
-    _ok(["plan", tiny_bert, "--profile", profiled, "-x", t1, "--calib", calib_file, "--n-calib", 32,
+    _ok(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", t1, "--calib", calib_file, "--n-calib", 32,
          "--out", tmp_path / "run", "-q"])
     out = tmp_path / "m"
     r = _ok(["apply", tiny_bert, tmp_path / "run" / f"plan-{t1:g}x.json", "--out", out, "--recover",

@@ -77,7 +77,7 @@ def _resolve(prof):
 @pytest.mark.parametrize("factor", [0.85, 0.93, 1.08])
 def test_a_biased_model_converges_to_the_target(factor):
     prof = _profile()
-    cfg = PlanConfig(targets=(2.0, 3.0), tolerance=0.02, loop_rounds=4)
+    cfg = PlanConfig(search=0, targets=(2.0, 3.0), tolerance=0.02, loop_rounds=4)
     plans = [_dp_plan(prof, t) for t in cfg.targets]
     timer = FakeTimer(prof, factor)
     out = loop.close_loop(None, prof, plans, _resolve(prof), cfg, progress=False, timer=timer)
@@ -96,7 +96,7 @@ def test_a_biased_model_converges_to_the_target(factor):
 
 def test_an_unreachable_target_stops_at_the_limit_and_says_so():
     prof = _profile()
-    cfg = PlanConfig(targets=(3.0,), tolerance=0.02, loop_rounds=3)
+    cfg = PlanConfig(search=0, targets=(3.0,), tolerance=0.02, loop_rounds=3)
     plans = [_dp_plan(prof, 3.0)]
     timer = FakeTimer(prof, 0.3)                                      # the machine saves a third of what was said
     [p] = loop.close_loop(None, prof, plans, _resolve(prof), cfg, progress=False, timer=timer)
@@ -109,7 +109,7 @@ def test_an_unreachable_target_stops_at_the_limit_and_says_so():
 
 def test_round_history_round_trips_through_the_plan_file(tmp_path):
     prof = _profile()
-    cfg = PlanConfig(targets=(2.0,), loop_rounds=4)
+    cfg = PlanConfig(search=0, targets=(2.0,), loop_rounds=4)
     [p] = loop.close_loop(None, prof, [_dp_plan(prof, 2.0)], _resolve(prof), cfg, progress=False,
                           timer=FakeTimer(prof, 0.9))
     q = Plan.load(p.save(tmp_path / "plan.json"))

@@ -41,7 +41,7 @@ def mixed_run(tiny_bert, calib_file, tmp_path_factory):
     ppath = prof.save(tmp / "p.json")
     L, base = prof.arch.n_layers, prof.base["median"]
     target = math.floor(100 * base / (base - 0.5 * L * dense["ffn"])) / 100
-    plans = planner.plan(tiny_bert, ppath, PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64),
+    plans = planner.plan(tiny_bert, ppath, PlanConfig(search=0, targets=(target,), calib_path=str(calib_file), n_calib=64),
                          tmp / "run", progress=False)
     return tmp, prof, ppath, plans[0]
 
@@ -100,7 +100,7 @@ def test_sparse_choice_is_applied_saved_and_predicted(mixed_run, tiny_bert):
 
 def test_structured_only_when_asked(mixed_run, tiny_bert, calib_file):
     tmp, prof, ppath, plan = mixed_run
-    plans = planner.plan(tiny_bert, ppath, PlanConfig(targets=(plan.target_speedup,), calib_path=str(calib_file),
+    plans = planner.plan(tiny_bert, ppath, PlanConfig(search=0, targets=(plan.target_speedup,), calib_path=str(calib_file),
                                                       n_calib=64, sparse=False), tmp / "run-structured",
                          progress=False)
     assert not any(k.endswith("_sparsity") for l in plans[0].layers for k in l)
@@ -120,7 +120,7 @@ def test_sparse_only_keeps_the_architecture(mixed_run, tiny_bert, calib_file):
     # the sparse FFN costs ~1% of dense, attention never gets faster: reachable is ~ base / (base - FFN share)
     ceiling = prof.base["median"] / (prof.constant + sum(min(t) for t in times))
     target = round(1 + 0.6 * (ceiling - 1), 3)
-    cfg = PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64, structured=False)
+    cfg = PlanConfig(search=0, targets=(target,), calib_path=str(calib_file), n_calib=64, structured=False)
     p = planner.plan(tiny_bert, ppath, cfg, tmp / "run", progress=False, db_dir=tmp / "run" / "db")[0]
     assert [(l["heads"], l["ffn"]) for l in p.layers] == [(full["attn"], full["ffn"])] * len(p.layers)
     assert any(l.get("ffn_sparsity") for l in p.layers) and p.predicted_speedup >= target - 1e-9
@@ -134,7 +134,7 @@ def test_sparse_only_keeps_the_architecture(mixed_run, tiny_bert, calib_file):
         planner.plan(tiny_bert, ppath, dataclasses.replace(cfg, targets=(round(ceiling * 1.05, 2),)), tmp / "run",
                      progress=False, db_dir=tmp / "run" / "db")
     with pytest.raises(planner.errors.PlannerError, match="--sparse-only needs"):
-        PlanConfig(structured=False, sparse=False)
+        PlanConfig(search=0, structured=False, sparse=False)
     plain = dataclasses.replace(prof, sparse={}).save(tmp / "no-sparse.json")
     with pytest.raises(planner.errors.PlannerError, match="--sparse-only needs a profile with sparse levels"):
         planner.plan(tiny_bert, plain, cfg, tmp / "never", progress=False)

@@ -16,7 +16,7 @@ def test_minilm_2x_beats_magnitude(tmp_path):
     model = default_model()
     prof, ppath = planner.profile(model, ProfileConfig(batch_size=1, seq_len=64, rounds=1, method="module"),
                                   out=tmp_path / "p.json", progress=False)
-    plans = planner.plan(model, ppath, PlanConfig(targets=(2.0,), n_calib=256), tmp_path / "run", progress=False)
+    plans = planner.plan(model, ppath, PlanConfig(search=0, targets=(2.0,), n_calib=256), tmp_path / "run", progress=False)
     out, m = planner.apply(model, plans[0], tmp_path / "m2x", progress=False)
     base = uniform_plan(prof, 2.0, 6)
     out_u, _ = planner.apply(model, base, tmp_path / "u2x", select="magnitude", weights="none", progress=False,

@@ -32,7 +32,8 @@ def _ok(args):
 def run_dir(tiny_bert, calib_file, tmp_path_factory):
     """A real `planner run` on the tiny model: profile, 2 targets, planner + baseline, verify, report."""
     out = tmp_path_factory.mktemp("run") / "r"
-    _ok(["run", tiny_bert, "-x", 1.2, "-x", 1.4, "--out", out, "--calib", calib_file, *RUN, "-q"])
+    _ok(["run", "--search", 0, tiny_bert, "-x", 1.2, "-x", 1.4, "--out", out, "--calib", calib_file, *RUN,
+         "--recover-minutes", 0.03, "--recover-data", calib_file, "--recover-eval-every", 5, "-q"])
     return out
 
 
@@ -40,11 +41,19 @@ def test_run_writes_report_and_resumes(run_dir, tiny_bert, calib_file):
     index = run_dir / "report" / "index.html"
     assert index.exists()
     a = report.collect(run_dir)
-    assert len(a.profiles) == 1 and len(a.plans) == 4 and len(a.reports) == 4
-    assert [(m, t) for _, m, t, _ in a.reports] == [("planner", 1.2), ("planner", 1.4),
-                                                    ("magnitude-uniform", 1.2), ("magnitude-uniform", 1.4)]
+    assert len(a.profiles) == 1 and len(a.plans) == 4 and len(a.reports) == 6
+    assert sorted((m, t) for _, m, t, _ in a.reports) == sorted(
+        [("planner", 1.2), ("planner", 1.4), ("magnitude-uniform", 1.2), ("magnitude-uniform", 1.4),
+         ("recovered", 1.2), ("recovered", 1.4)])
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert sorted(r["method"] for r in rows) == ["magnitude-uniform"] * 2 + ["planner"] * 2 + ["planner+recovery"] * 2
+    for t in (1.2, 1.4):                              # the recovered model has the one-shot model's architecture
+        one = json.loads((run_dir / "models" / f"planner-{t:g}x" / "config.json").read_text())
+        rec = json.loads((run_dir / "models" / f"recovered-{t:g}x" / "config.json").read_text())
+        assert one["planner_layers"] == rec["planner_layers"] and "recover" in rec["planner"]
     # a rerun finds everything in place and redoes nothing but the table and the report
-    r = _ok(["run", tiny_bert, "-x", 1.2, "-x", 1.4, "--out", run_dir, "--calib", calib_file, *RUN])
+    r = _ok(["run", "--search", 0, tiny_bert, "-x", 1.2, "-x", 1.4, "--out", run_dir, "--calib", calib_file, *RUN,
+             "--recover-minutes", 0.03, "--recover-data", calib_file, "--recover-eval-every", 5])
     assert "reusing" in r.output and r.output.count("written") == 0
 
 

@@ -14,7 +14,7 @@ def test_interrupted_build_resumes_to_same_plan(tmp_path, calib_file, monkeypatc
     prof, ppath = planner.profile(model, ProfileConfig(batch_size=2, seq_len=16, rounds=1, threads=1),
                                   out=tmp_path / "p.json", progress=False)
     target = round(min(1.4, 0.8 * prof.max_speedup()), 2)
-    cfg = PlanConfig(targets=(target,), calib_path=str(calib_file), n_calib=64)
+    cfg = PlanConfig(search=0, targets=(target,), calib_path=str(calib_file), n_calib=64)
     clean = planner.plan(model, ppath, cfg, tmp_path / "clean", progress=False)
 
     real = database.obs.group_obs

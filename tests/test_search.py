@@ -1,5 +1,6 @@
-"""SPDY search: never worse than the plain DP on its loss, finds better plans where they exist, resumes to
-the same sequence, and is wired into `planner plan --search`."""
+"""The end-to-end search: level switches keep the budget; never worse than its seed at the top fidelity; finds the
+better plan where the sum of per-module errors misleads; spends the top fidelity on survivors only; resumes to the
+same sequence; and is wired into `planner plan` (scored on the deployed model, kept only when its timing lands)."""
 import json
 
 import numpy as np
@@ -7,101 +8,130 @@ import pytest
 from click.testing import CliRunner
 
 import planner
-from planner.algorithms.search import search
+from planner.algorithms.search import evolve, level_switch
 from planner.algorithms.solver import solve
 from planner.cli import main
 from planner.config import PlanConfig, ProfileConfig
 
 
-def _toy(seed=0, G=6, n_opt=5):
-    """A DP instance whose reported errors are mis-scaled against a hidden true loss: the search's job."""
+def _toy(seed=0, G=8, n_opt=6):
+    """Options with times and per-group errors; the true loss weighs the groups unevenly and adds an interaction
+    (two neighbouring groups both cut hard hurt more than their sum): what a sum of per-group errors misses."""
     rng = np.random.default_rng(seed)
-    times = [np.sort(rng.uniform(0, 1, n_opt)) for _ in range(G)]
+    times = [np.sort(rng.uniform(0.1, 1, n_opt)) for _ in range(G)]
     errors = [np.sort(rng.uniform(0, 1, n_opt))[::-1].copy() for _ in range(G)]
-    true_w = rng.uniform(0.1, 5.0, G)                      # how much each group really matters
-    budget = 0.5 * sum(t.max() for t in times)
+    w = rng.choice([0.1, 5.0], G)                          # some groups matter far more than their errors say
+    budget = 0.55 * sum(t.max() for t in times)
+    seed_choice = solve(times, errors, [budget], n_buckets=2000)[0].choices
 
-    def solve_c(c):
-        return solve(times, [e * ci for e, ci in zip(errors, c)], [budget], n_buckets=500)[0].choices
-
-    def loss(key):
-        return float(sum(w * e[o] for w, e, o in zip(true_w, errors, key)))
-    return solve_c, loss, G
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_never_worse_than_plain_dp_and_usually_better(seed):
-    solve_c, loss, G = _toy(seed)
-    res = search(G, solve_c, loss, n=40, seed=seed, progress=False)
-    assert res.loss_dp == pytest.approx(loss(solve_c(np.ones(G))))
-    assert res.loss <= res.loss_dp
-    assert res.loss == pytest.approx(min(h["loss"] for h in res.history))
-    assert res.loss == pytest.approx(loss(solve_c(np.asarray(res.coefs))))   # the coefficients reproduce it
+    def loss(cand, fid=1):
+        e = np.array([err[o] for err, o in zip(errors, cand)])
+        true = float((w * e).sum() + 2.0 * (e[:-1] * e[1:]).sum())
+        return true + (0.05 * np.sin(sum(cand)) if fid == 0 else 0.0)          # the cheap fidelity is noisier
+    return times, budget, seed_choice, loss
 
 
-def test_search_improves_on_misweighted_errors():
-    gains = []
-    for seed in range(5):
-        solve_c, loss, G = _toy(seed)
-        r = search(G, solve_c, loss, n=40, seed=seed, progress=False)
-        gains.append(r.loss < r.loss_dp - 1e-12)
-    assert sum(gains) >= 3
+def test_level_switch_keeps_the_budget():
+    times, budget, seed, _ = _toy(1)
+    order = [np.argsort(t) for t in times]
+    rng = np.random.default_rng(0)
+    made = 0
+    for _ in range(200):
+        m = level_switch(seed, order, times, budget, rng, int(rng.integers(1, 4)))
+        if m is not None:
+            made += 1
+            assert sum(t[o] for t, o in zip(times, m)) <= budget + 1e-12 and tuple(m) != tuple(seed)
+    assert made > 150
 
 
-def test_resume_replays_to_the_same_result(tmp_path):
-    solve_c, loss, G = _toy(3)
-    full = search(G, solve_c, loss, n=30, seed=1, progress=False)
-    assert full.n_evaluated >= 4
+@pytest.mark.parametrize("seed", range(4))
+def test_never_worse_than_the_seed_and_better_where_the_errors_mislead(seed):
+    times, budget, start, loss = _toy(seed)
+    res = evolve(start, times, budget, loss, max_candidates=120, rng_seed=seed, progress=False)
+    assert res.loss_seed == pytest.approx(loss(start)) and res.loss <= res.loss_seed
+    assert res.loss == pytest.approx(loss(res.choice))
+    assert sum(t[o] for t, o in zip(times, res.choice)) <= budget + 1e-12
+    # where one level switch away there is a clearly better plan (more than the cheap fidelity's noise), the
+    # search finds one (seeds 1 and 2 here; from seeds 0 and 3 the DP's plan is within 0.005 of its neighbours)
+    order = [np.argsort(t) for t in times]
+    rng = np.random.default_rng(0)
+    near = [loss(m) for m in (level_switch(start, order, times, budget, rng, 1) for _ in range(300)) if m]
+    if min(near) < res.loss_seed - 0.1:
+        assert res.improvements >= 1 and res.loss <= min(near) + 1e-9
+
+
+def test_the_top_fidelity_goes_to_survivors_only():
+    times, budget, start, loss = _toy(2)
+    calls = {0: 0, 1: 0}
+
+    def counting(cand, fid):
+        calls[fid] += 1
+        return loss(cand, fid)
+    res = evolve(start, times, budget, counting, offspring=8, survivors=2, max_candidates=60, progress=False)
+    assert calls[1] <= 1 + 2 * res.generations and calls[0] >= 3 * (calls[1] - 1)   # 8 cheap, 2 costly a gen
+
+
+def test_resume_replays_to_the_same_result():
+    times, budget, start, loss = _toy(3)
+    full = evolve(start, times, budget, loss, max_candidates=50, progress=False)
     calls = {"n": 0}
 
-    def flaky(key):
+    def flaky(cand, fid):
         calls["n"] += 1
-        if calls["n"] == full.n_evaluated // 2 + 1:
+        if calls["n"] == len(full.history) // 2:
             raise KeyboardInterrupt
-        return loss(key)
-    kept = []                                                # what the caller stores for a resume
+        return loss(cand, fid)
+    kept = []
     with pytest.raises(KeyboardInterrupt):
-        search(G, solve_c, flaky, n=30, seed=1, progress=False, on_candidate=kept.append)
-    assert 0 < len(kept) < 30
+        evolve(start, times, budget, flaky, max_candidates=50, progress=False, on_record=kept.append)
     counted = {"n": 0}
 
-    def counting(key):
+    def counting(cand, fid):
         counted["n"] += 1
-        return loss(key)
-    resumed = search(G, solve_c, counting, n=30, seed=1, progress=False, history=json.loads(json.dumps(kept)))
-    assert resumed.history == full.history and resumed.coefs == full.coefs
-    assert counted["n"] < full.n_evaluated                  # the finished part was not scored again
+        return loss(cand, fid)
+    resumed = evolve(start, times, budget, counting, max_candidates=50, progress=False,
+                     history=json.loads(json.dumps(kept)))
+    assert resumed.choice == full.choice and resumed.loss == full.loss
+    assert [h["key"] for h in resumed.history] == [h["key"] for h in full.history]
+    assert counted["n"] == len(full.history) - len(kept)                # the finished part was not scored again
 
 
 def test_plan_with_search_on_tiny_model(tiny_bert, calib_file, tmp_path):
     prof, ppath = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0),
                                   out=tmp_path / "p.json", progress=False)
-    t = round(min(1.5, 0.7 * prof.max_speedup()), 2)
-    base = PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=64, loop_rounds=0)   # the search alone
-    plain = planner.plan(tiny_bert, ppath, base, tmp_path / "plain", progress=False)[0]
+    t = max(1.01, round(min(1.5, 1 + 0.5 * (prof.max_speedup() - 1)), 2))
+    plain = planner.plan(tiny_bert, ppath, PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=96, search=0,
+                                                      loop_rounds=0), tmp_path / "plain", progress=False)[0]
     r = CliRunner().invoke(main, ["plan", str(tiny_bert), "--profile", str(ppath), "-x", str(t), "--calib",
-                                  str(calib_file), "--n-calib", "64", "--search", "12", "--loop-rounds", "0",
-                                  "--out", str(tmp_path / "s"),
-                                  "-q", "--json"], catch_exceptions=False)
+                                  str(calib_file), "--n-calib", "96", "--search", "24", "--loop-rounds", "0",
+                                  "--out", str(tmp_path / "s"), "-q", "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)[0]
     rec = p["options"]["search"]
-    assert rec["candidates"] == 12 and rec["loss"] <= rec["loss_dp"]
-    assert rec["total_error_dp"] == pytest.approx(plain.total_error)
-    assert p["predicted_time"] <= prof.base["median"] / t + 1e-12                 # still within the budget
-    assert (tmp_path / "s" / "search" / f"search-{t:g}x.json").exists()
+    assert rec["candidates"] <= 24 and rec["loss"] <= rec["loss_seed"] and rec["scored_by"] == "embedding cosine distance"
+    assert rec["seed_total_error"] == pytest.approx(plain.total_error)             # the DP's plan was the seed
+    assert p["predicted_time"] <= prof.base["median"] / t + 1e-12                   # still within the budget
+    state = json.loads((tmp_path / "s" / "search" / f"search-{t:g}x.json").read_text())
+    assert len(state["history"]) == rec["evaluated"] or len(state["history"]) <= rec["evaluated"]
     out, _ = planner.apply(tiny_bert, tmp_path / "s" / f"plan-{t:g}x.json", tmp_path / "m", progress=False)
     assert (out / "config.json").exists()
+    # rerunning replays the stored search: same plan, nothing scored again
+    again = CliRunner().invoke(main, ["plan", str(tiny_bert), "--profile", str(ppath), "-x", str(t), "--calib",
+                                      str(calib_file), "--n-calib", "96", "--search", "24", "--loop-rounds", "0",
+                                      "--out", str(tmp_path / "s"), "-q", "--json"], catch_exceptions=False)
+    assert json.loads(again.output)[0]["layers"] == p["layers"]
 
 
 def test_search_and_closed_loop_together(tiny_bert, calib_file, tmp_path):
-    """The loop re-solves a searched plan with the search's coefficients: both records end up in the plan."""
+    """The search runs on the profile as the loop corrected it, and its plan is timed before it is kept."""
     prof, ppath = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0),
                                   out=tmp_path / "p.json", progress=False)
     t = max(1.01, round(1 + 0.4 * (prof.max_speedup() - 1), 2))
-    [p] = planner.plan(tiny_bert, ppath, PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=64, search=4,
+    [p] = planner.plan(tiny_bert, ppath, PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=96, search=12,
                                                     loop_rounds=2), tmp_path / "s", progress=False)
-    loop = p.options["closed_loop"]
-    assert p.options["search"]["candidates"] == 4 and 1 <= len(loop["rounds"]) <= 2
-    assert loop["measured"] == loop["rounds"][loop["chosen"]]["measured"] > 0
+    loop, search = p.options["closed_loop"], p.options["search"]
+    assert 1 <= len(loop["rounds"]) <= 2 and search["candidates"] <= 12
     assert loop["interval"][0] <= loop["measured"] <= loop["interval"][1]
+    if "kept" in search:                                 # the search found another plan: it was timed
+        assert search["interval"][0] <= search["measured"] <= search["interval"][1]
+        assert search["kept"] == (abs(search["measured"] / t - 1) <= 0.02)

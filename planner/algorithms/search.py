@@ -1,99 +1,135 @@
-"""SPDY's search (arXiv 2201.13096, §3.3), as pure numbers: refine per-group error coefficients by scoring the
-plans they produce with a real loss.
+"""End-to-end search over a plan's per-module choices, as pure numbers (EvoPress, arXiv 2410.14649; DarwinLM,
+arXiv 2502.07780).
 
-The DP minimises Σ_g c_g · e_g(option) under the time budget; the per-layer errors e_g are local (each layer
-scored alone), so how much a layer's error matters downstream is unknown to it. The coefficients c_g carry
-that knowledge: each candidate vector c gives a plan (one DP solve), the caller's `evaluate` stitches that
-plan and returns its calibration loss, and the search keeps the best. Candidate 0 is c = 1 (the plain DP),
-and only a strictly lower loss replaces the best, so the result is never worse than the plain DP's plan on
-the loss. Then random starts (log-uniform c in [lo, hi]), then mutation hill climbing from the best: a
-shrinking random subset of groups has its coefficient multiplied by a log-uniform factor in [1/2, 2].
+The DP minimises the sum of per-module errors, each measured with the rest of the model dense. EvoPress finds that
+"error monotonicity does not hold": a plan with a smaller sum can be worse end to end. So the DP's plan is only
+the seed. The search keeps one parent and, each generation, makes `offspring` mutants by level switches (one
+module one option up, more kept, another one option down, so the time budget still holds; more down-moves while
+it does not), scores them cheaply, and scores the best `survivors` again at the highest fidelity, where a mutant
+replaces the parent only if it is strictly better. Fidelities are the caller's (few calibration tokens first,
+more for the survivors), so that most of the time goes to the candidates that may win. The parent is scored at
+the highest fidelity first, so the result is never worse there than the seed.
 
-Candidate i depends only on (seed, i) and the history before it, so a search stopped anywhere resumes to
-exactly the same sequence: the caller keeps every evaluated candidate (`on_candidate`) and hands them back
-(`history`) to resume. Plans that the DP returns twice are not evaluated twice. No files, no model: the caller
-(stages/plan.py) stores the history and stitches the plans.
+Generation g's mutants depend only on (seed, g) and the parent, so a search resumed from its history (every
+evaluated (candidate, fidelity, loss)) replays to the same sequence without re-evaluating anything. No files, no
+model: stages/plan.py builds and scores the candidates and keeps the history.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ..errors import PlannerError
 from ..progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    coefs: list[float]          # best coefficient per group
-    loss: float                 # its loss
-    loss_dp: float              # the plain DP's loss (candidate 0)
-    n_evaluated: int            # candidates whose plan was stitched and scored (duplicates excluded)
-    n_candidates: int           # candidates generated
-    history: list[dict]         # {"i", "loss", "plan_key", "best"} per candidate
+    choice: list[int]           # option index per group of the best candidate
+    loss: float                 # its loss at the highest fidelity
+    loss_seed: float            # the seed's loss at the highest fidelity
+    n_evaluated: int            # evaluations done (every fidelity), replayed ones included
+    n_candidates: int           # distinct candidates generated
+    generations: int
+    improvements: int           # generations whose survivor replaced the parent
+    history: list[dict] = field(default_factory=list)   # {"key", "fidelity", "loss", "generation"} per evaluation
 
 
-def n_random_default(n: int) -> int:
-    """Random starts among n candidates: a quarter, at least one."""
-    return max(1, n // 4)
+def level_switch(choice, order: list[np.ndarray], times: list[np.ndarray], budget: float, rng, n_switch: int):
+    """A mutant of `choice` (option index per group): n_switch times one group moves one option up in time
+    (keeps more) and another one down; then down-moves in random groups while the total time is over `budget`.
+    order[g]: group g's option indices by increasing time. None if no such mutant exists."""
+    rank = [int(np.flatnonzero(order[g] == c)[0]) for g, c in enumerate(choice)]
+    G = len(rank)
+    for _ in range(n_switch):
+        ups = [g for g in range(G) if rank[g] < len(order[g]) - 1]
+        downs = [g for g in range(G) if rank[g] > 0]
+        if not ups or not downs:
+            return None
+        up = int(rng.choice(ups))
+        down = int(rng.choice([g for g in downs if g != up] or downs))
+        rank[up] += 1
+        rank[down] -= 1
+    total = lambda: sum(times[g][order[g][rank[g]]] for g in range(G))      # noqa: E731
+    for _ in range(4 * G):
+        if total() <= budget:
+            out = tuple(int(order[g][rank[g]]) for g in range(G))
+            return None if out == tuple(int(c) for c in choice) else out
+        downs = [g for g in range(G) if rank[g] > 0]
+        if not downs:
+            return None
+        rank[int(rng.choice(downs))] -= 1
+    return None
 
 
-def _candidate(i: int, n_random: int, n_total: int, best: np.ndarray, seed: int, lo: float, hi: float):
-    G = len(best)
-    if i == 0:
-        return np.ones(G)
-    rng = np.random.default_rng([seed, i])
-    if i <= n_random:
-        return np.exp(rng.uniform(np.log(lo), np.log(hi), size=G))
-    # hill climbing: mutate k groups, k shrinking from G/4 to 1 over the remaining candidates
-    frac = (i - n_random - 1) / max(n_total - n_random - 1, 1)
-    k = max(1, int(round((1 - frac) * G / 4 + frac * 1)))
-    c = best.copy()
-    idx = rng.choice(G, size=min(k, G), replace=False)
-    c[idx] = np.clip(c[idx] * np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=len(idx))), lo, hi)
-    return c
-
-
-def search(n_groups: int, solve: Callable[[np.ndarray], tuple], evaluate: Callable[[tuple], float], n: int,
-           seconds: float | None = None, seed: int = 0, n_random: int | None = None,
-           lo: float = 0.25, hi: float = 4.0, progress: bool = True, history: list[dict] = (),
-           on_candidate: Callable[[dict], None] | None = None) -> SearchResult:
-    """solve(coefs) -> plan key (hashable, e.g. the DP's choices); evaluate(plan key) -> loss (lower is better).
-    n: candidates in all (including the plain DP); seconds: stop generating new ones after this long.
-    history: the records of a search with the same settings stopped earlier (replayed, not re-evaluated);
-    on_candidate(record): called with each new candidate's record, to be kept for a resume."""
-    if n < 1:
-        raise PlannerError("--search needs at least 1 candidate")
-    n_random = n_random_default(n) if n_random is None else n_random
-    hist = list(history)
-    seen: dict = {}                                              # plan key -> loss
-    best_c, best_loss, loss_dp = np.ones(n_groups), np.inf, None
+def evolve(seed: list[int], times: list[np.ndarray], budget: float, evaluate: Callable[[tuple, int], float],
+           fidelities: tuple[int, ...] = (0, 1), offspring: int = 8, survivors: int = 2,
+           max_candidates: int | None = None, seconds: float | None = None, rng_seed: int = 0,
+           history: list[dict] = (), on_record: Callable[[dict], None] | None = None,
+           progress: bool = True) -> SearchResult:
+    """Search from `seed` (option index per group) under `budget` (the sum of times[g][choice[g]] may not exceed
+    it). evaluate(candidate, fidelity) -> loss, lower is better. Stops after `max_candidates` distinct
+    candidates or `seconds` (checked between evaluations), or when no new mutant can be made.
+    history / on_record: earlier evaluations to replay, and a callback with each new one (module docstring)."""
+    order = [np.argsort(np.asarray(t), kind="stable") for t in times]
+    cache = {(tuple(h["key"]), h["fidelity"]): h["loss"] for h in history}
+    records = list(history)
+    top = fidelities[-1]
     t0 = time.perf_counter()
-    bar = progress_bar(total=n, desc="SPDY search", progress=progress, unit="cand")
-    for i in range(n):
-        c = _candidate(i, n_random, n, best_c, seed, lo, hi)
-        if i < len(hist):                                        # replay what an earlier run evaluated
-            h = hist[i]
-            key, loss = tuple(h["plan_key"]), h["loss"]
-        else:
-            if seconds is not None and i > 0 and time.perf_counter() - t0 > seconds:
+    n_eval = 0
+
+    def score(cand: tuple, fid: int, gen: int) -> float:
+        nonlocal n_eval
+        n_eval += 1
+        key = (cand, fid)
+        if key not in cache:
+            cache[key] = float(evaluate(cand, fid))
+            rec = {"key": list(cand), "fidelity": fid, "loss": cache[key], "generation": gen}
+            records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+        return cache[key]
+
+    def out_of_time() -> bool:
+        return seconds is not None and time.perf_counter() - t0 > seconds
+
+    parent = tuple(int(c) for c in seed)
+    parent_loss = seed_loss = score(parent, top, 0)
+    seen = {parent}
+    gen = improvements = 0
+    bar = progress_bar(total=max_candidates, desc="search", unit="cand", progress=progress)
+    while not out_of_time() and (max_candidates is None or len(seen) < max_candidates):
+        gen += 1
+        rng = np.random.default_rng([rng_seed, gen])
+        kids, attempts = [], 0
+        while len(kids) < offspring and attempts < 20 * offspring and \
+                (max_candidates is None or len(seen) < max_candidates):
+            attempts += 1
+            m = level_switch(parent, order, times, budget, rng, int(rng.integers(1, 4)))
+            if m is not None and m not in seen:
+                seen.add(m)
+                kids.append(m)
+        if not kids:
+            break
+        bar.update(len(kids))
+        low = []
+        for k in kids:
+            if out_of_time():
                 break
-            key = tuple(int(x) for x in solve(c))
-            loss = seen[key] if key in seen else float(evaluate(key))
-            hist.append({"i": i, "loss": loss, "plan_key": list(key), "coefs": c.tolist(), "new": key not in seen})
-            if on_candidate is not None:
-                on_candidate(hist[-1])
-        seen.setdefault(key, loss)
-        if i == 0:
-            loss_dp = loss
-        if loss < best_loss:
-            best_c, best_loss = c, loss
-        bar.update()
-        bar.set_postfix(best=f"{best_loss:.4g}", dp=f"{loss_dp:.4g}")
+            low.append((score(k, fidelities[0], gen), k))
+        best, best_loss = None, parent_loss
+        for _, k in sorted(low)[:survivors]:
+            if out_of_time():
+                break
+            loss = score(k, top, gen) if top != fidelities[0] else dict((kk, ll) for ll, kk in low)[k]
+            if loss < best_loss:
+                best, best_loss = k, loss
+        if best is not None:
+            parent, parent_loss = best, best_loss
+            improvements += 1
+        bar.set_postfix(best=f"{parent_loss:.4g}", seed=f"{seed_loss:.4g}")
     bar.close()
-    return SearchResult(coefs=best_c.tolist(), loss=float(best_loss), loss_dp=float(loss_dp),
-                        n_evaluated=sum(bool(h.get("new", True)) for h in hist), n_candidates=len(hist),
-                        history=[{"i": h["i"], "loss": h["loss"], "plan_key": h["plan_key"]} for h in hist])
+    return SearchResult(choice=list(parent), loss=parent_loss, loss_seed=seed_loss, n_evaluated=n_eval,
+                        n_candidates=len(seen), generations=gen, improvements=improvements, history=records)

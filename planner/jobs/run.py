@@ -15,10 +15,11 @@ from ..adapters.checkpoint import Checkpoint
 from ..config import RunConfig
 from ..errors import PlannerError
 from ..reporting import html
-from ..reporting.tables import format_plan_table, format_results, result_row
+from ..reporting.tables import format_plan_table, format_results, held_back, result_row
 from ..stages import apply as apply_stage
 from ..stages import plan as plan_stage
 from ..stages import profile as profile_stage
+from ..stages import recover as recover_stage
 from ..stages import verify as verify_stage
 from ..types import LatencyProfile, Plan, VerifyReport
 
@@ -116,13 +117,41 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             rep = verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath,
                                       dense_model=dense, progress=progress)
         rows.append(result_row(p, rep))
+    rcfg = cfg.recover_config
+    if rcfg is not None:
+        _write_results(out, rows, prof, show=not quiet)   # the one-shot table, before any recovery starts
+        _log(f"[5/5] recover: {rcfg.minutes:g} min of distillation per planned model (early stop after "
+             f"{rcfg.patience} evaluations without a {rcfg.min_delta:.1%} gain)", quiet)
+        for p, mdir, _, _ in jobs:
+            if p.method != "planner":
+                continue
+            rdir = out / "models" / f"recovered-{p.target_speedup:g}x"
+            rec = recover_stage.recover(Checkpoint.open(mdir), ck, rcfg, out=rdir, progress=progress)
+            _log(f"      {rdir.name}: {held_back(rec.before)} -> {held_back(rec.after)} ({rec.steps} steps, "
+                 f"{rec.train_time/60:.1f} min, {rec.stop})", quiet)
+            rpath = out / "verify" / f"{rdir.name}.json"
+            if rpath.exists():
+                rep = VerifyReport.load(rpath)
+            else:
+                dense = dense if dense is not None else ck.load(pc.device)
+                rep = verify_stage.verify(ck, Checkpoint.open(rdir), cfg.verify_config, prof, out=rpath,
+                                          dense_model=dense, progress=progress)
+            rows.append({**result_row(p, rep), "method": "planner+recovery"})
+        rows.sort(key=lambda r: (r["target"], r["method"]))
+    df = _write_results(out, rows, prof, show=True)
+    index = html.write(out, out / "report", progress=progress)
+    _log(f"report: {index}", quiet)
+    return df
+
+
+def _write_results(out: Path, rows: list[dict], prof: LatencyProfile, show: bool):
+    """results.md / results.json of the rows so far, and the table printed where `show`."""
     import pandas as pd  # loaded when a table is made: the CLI starts faster
     df = pd.DataFrame(rows)
     table = format_results(df, prof)
     with io.atomic_path(out / "results.md") as tmp:
         tmp.write_text(table + "\n")
     io.write_json(out / "results.json", {"conditions": prof.conditions, "rows": rows})
-    print(table)
-    index = html.write(out, out / "report", progress=progress)
-    _log(f"report: {index}", quiet)
+    if show:
+        print(table, flush=True)
     return df

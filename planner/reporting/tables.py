@@ -67,11 +67,20 @@ def loop_lines(p: Plan) -> list[str]:
     return out
 
 
+def per_set(q: dict) -> dict:
+    """The headline metrics on each held-out set, as columns "spearman[docs]" (where there is more than one)."""
+    sets = q.get("sets") or {}
+    if len(sets) < 2:
+        return {}
+    causal = "ppl_increase" in next(iter(sets.values()))
+    return {f"{m}[{name}]": v[m] for m in QUALITY[causal][1] for name, v in sets.items()}
+
+
 def result_row(plan: Plan, rep: VerifyReport) -> dict:
-    """One row of the main job's results table."""
+    """One row of the main job's results table: the worst held-out set's quality first, then every set's."""
     return {"method": plan.method, "target": plan.target_speedup, "predicted": rep.predicted_speedup,
             "measured": rep.measured_speedup, "pred/meas-1": rep.prediction_ratio - 1 if rep.prediction_ratio
-            else None, **{k: rep.quality[k] for k in METRICS if k in rep.quality},
+            else None, **{k: rep.quality[k] for k in METRICS if k in rep.quality}, **per_set(rep.quality),
             "params_M": rep.sizes["compressed_params"] / 1e6}
 
 
@@ -81,9 +90,10 @@ def format_results(df: pd.DataFrame, prof: LatencyProfile) -> str:
         d[c] = d[c].map(lambda x: f"{x:.2f}x" if x is not None else "n/a")
     d["target"] = d["target"].map(lambda x: f"{x:g}x")
     d["pred/meas-1"] = d["pred/meas-1"].map(lambda x: f"{x:+.1%}" if x is not None else "n/a")
-    for c in METRICS:
-        if c in d:
-            d[c] = d[c].map(lambda x, c=c: fmt(c, x))
+    for c in d.columns:
+        m = c.split("[")[0]
+        if m in METRICS:
+            d[c] = d[c].map(lambda x, m=m: fmt(m, x))
     d["params_M"] = d["params_M"].map(lambda x: f"{x:.1f}")
     return f"Conditions: {prof.conditions}\n\n" + d.to_markdown(index=False)
 
@@ -109,12 +119,17 @@ def verify_lines(rep: VerifyReport) -> list[str]:
     if "tokens_per_s" in q:
         lines.append(f"decode throughput: dense {q['dense_tokens_per_s']:.0f} tokens/s | compressed "
                      f"{q['tokens_per_s']:.0f} tokens/s")
-    if "ppl" in q:
-        lines.append(f"quality on {q['n_tokens']} held-out tokens: perplexity dense {q['ppl_dense']:.2f} | compressed "
-                     f"{q['ppl']:.2f} ({q['ppl_increase']:+.1%}) | next-token agreement {q['top1_agree']:.3f}")
-    else:
-        lines.append(f"quality on {q['n_text']} held-out passages: " +
-                     " | ".join(f"{m} {fmt(m, q[m])}" for m in QUALITY[False][0]))
+    sets = q.get("sets") or {"held-out": q}
+    for name, s in sets.items():
+        if "ppl" in s:
+            lines.append(f"{name}: {s['n_tokens']} tokens: perplexity dense {s['ppl_dense']:.2f} | compressed "
+                         f"{s['ppl']:.2f} ({s['ppl_increase']:+.1%}) | next-token agreement {s['top1_agree']:.3f}")
+        else:
+            lines.append(f"{name}: {s['n_text']} passages: " +
+                         " | ".join(f"{m} {fmt(m, s[m])}" for m in QUALITY[False][0]))
+    if len(sets) > 1:
+        causal = "ppl_increase" in q
+        lines.append("worst set: " + " | ".join(f"{m} {fmt(m, q[m])} ({q['worst'][m]})" for m in QUALITY[causal][1]))
     return lines
 
 

@@ -168,9 +168,9 @@ def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None
            damp=o.get("damp", d.damp), progress=progress)
     record = {"method": p.method, "target_speedup": p.target_speedup, "predicted_speedup": p.predicted_speedup,
               "weights": weights, "select": select, "profile": {k: p.profile.get(k) for k in
-              ("batch_size", "seq_len", "dtype", "mode")} | {"hardware": p.profile.get("hardware", {}).get("key")},
+              ("batch_size", "seq_len", "dtype", "mode", "decode_steps")} | {"hardware": p.profile.get("hardware", {}).get("key")},
               "source": p.model, "origin": ck.origin or ck.fingerprint,   # the dense ancestor (gradual: not the source)
-              **_loop_record(p)}
+              "calibration": {"path": o.get("calib_path"), "n": o.get("n_calib", d.n_calib)}, **_loop_record(p)}
     save_portable(model, ck.adapter, ck.path, out_dir, {"planner": record})
     return Path(out_dir), model
 

@@ -377,12 +377,13 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
     def record_eval(row):
         nonlocal best, bad
         history.append(row)
+        # patience counts evaluations that did not improve on the best by min_delta (relative): a loss that only
+        # creeps down is not worth the clock; the best weights are kept whatever the margin
+        improved = best is None or row["val_total"] < best["val_total"] * (1 - cfg.min_delta)
         if best is None or row["val_total"] < best["val_total"] - 1e-12:
             best = {"step": row["step"], "val_total": row["val_total"],
                     "state": {n: p.detach().cpu().clone() for n, p in named}}
-            bad = 0
-        else:
-            bad += 1
+        bad = 0 if improved else bad + 1
         if callback is not None:
             clock.stop()
             callback(row, student)

@@ -9,21 +9,18 @@ the budget.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import hardware, io
 from ..algorithms import solver
-from ..algorithms.search import n_random_default, search
 from ..config import PlanConfig
 from ..errors import PlannerError, UnreachableTarget, warn
 from ..types import KINDS, LatencyProfile, Plan
 from . import loop
-from .apply import apply_
+from . import search as search_stage
 from .calibration import calibration_batches
 from .database import Database, build_for_plan, split_batches
 from .loop import close_loop
@@ -35,11 +32,11 @@ SEARCH_KIND, SEARCH_VERSION = "SpdySearch", 1
 def profile_identity(p: LatencyProfile, path=None) -> dict:
     return {"path": str(path) if path else None, "hardware": p.hardware, "shape": p.shape.get("key"),
             "batch_size": p.batch_size, "seq_len": p.seq_len, "dtype": p.dtype, "mode": p.mode,
+            "decode_steps": p.decode_steps,
             "method": p.method, "base": p.base["median"], "constant": p.constant, "created": p.created}
 
 
-def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = None, sparse: bool = True,
-            structured: bool = True):
+def options(db: Database, prof: LatencyProfile, norm: str, sparse: bool = True, structured: bool = True):
     """groups [(layer, kind)], and per group (widths, sparsities, times, errors) arrays. Structured options
     have sparsity 0; a sparse option keeps the module's full width with its linears at that sparsity, and
     exists where both the database and the profile have the level (one DP weighs both kinds).
@@ -53,7 +50,6 @@ def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = 
             if not ws:
                 raise UnreachableTarget(f"layer {l} {kind}: no database level is on the profile's width grid; "
                                         f"profile with the same --ffn-step as the database")
-            c = (scale or {}).get((l, kind), 1.0)
             opt = [(w, 0.0, mt.time_at(w), errs[w]) for w in ws]
             full = max(errs)
             for lv, e in (db.sparse_errors(l, kind, norm) if sparse and full else {}).items():
@@ -64,42 +60,45 @@ def options(db: Database, prof: LatencyProfile, norm: str, scale: dict | None = 
             widths.append(np.array([o[0] for o in opt]))
             levels.append(np.array([o[1] for o in opt]))
             times.append(np.array([o[2] for o in opt]))
-            errors.append(np.array([c * o[3] for o in opt]))
+            errors.append(np.array([o[3] for o in opt]))
     return groups, widths, levels, times, errors
 
 
 def solve_plans(db: Database, prof: LatencyProfile, targets, norm: str = "residual", n_buckets: int = 10_000,
                 model_info: dict | None = None, profile_path=None, extra_options: dict | None = None,
-                scale: dict | None = None, structured: bool = True) -> list[Plan]:
-    """One plan per target from one DP; `scale` {(layer, kind): c} multiplies a group's errors (SPDY search);
-    structured=False: sparse levels only (see `options`)."""
-    groups, widths, levels, times, errors = options(db, prof, norm, scale, structured=structured)
-    raw = options(db, prof, norm, structured=structured)[4] if scale else errors   # plans report unscaled errors
+                structured: bool = True) -> list[Plan]:
+    """One plan per target from one DP; structured=False: sparse levels only (see `options`)."""
+    opts = options(db, prof, norm, structured=structured)
+    groups, widths, levels, times, errors = opts
     if not structured and not any((lv > 0).any() for lv in levels):
         raise UnreachableTarget("--sparse-only: the database has no sparse levels the profile timed; profile "
                                 "with --sparsity (e.g. 0.9,0.95) and plan with --sparse")
-    base = prof.base["median"]
     check_reachable(prof, targets, solver.min_time(times), "" if structured else " by sparse levels alone")
-    budgets = [base / t - prof.constant for t in targets]
+    budgets = [prof.base["median"] / t - prof.constant for t in targets]
     sols = solver.solve(times, errors, budgets, n_buckets=n_buckets)
-    plans = []
-    for t, sol in zip(targets, sols):
-        layers = [dict() for _ in range(db.n_layers)]
-        for (l, kind), w, lv, tm, er, o in zip(groups, widths, levels, times, raw, sol.choices):
-            key = "heads" if kind == "attn" else "ffn"
-            layers[l][key] = int(w[o])
-            layers[l][f"{kind}_time"] = float(tm[o])
-            layers[l][f"{kind}_error"] = float(er[o])
-            if lv[o] > 0:                                      # a sparse option won: the plan says so
-                layers[l][f"{kind}_sparsity"] = float(lv[o])
-        pred = prof.constant + sol.time
-        plans.append(Plan(method="planner", target_speedup=float(t), predicted_time=float(pred),
-                          predicted_speedup=float(base / pred), base_time=float(base), layers=layers,
-                          total_error=float(sum(e[o] for e, o in zip(raw, sol.choices))),
-                          profile=profile_identity(prof, profile_path),
-                          model=model_info or {}, database={"path": str(db.path), **db.index["identity"]},
-                          options={"error_norm": norm, "n_buckets": n_buckets, **(extra_options or {})}))
-    return plans
+    meta = {"profile": profile_identity(prof, profile_path), "model": model_info or {},
+            "database": {"path": str(db.path), **db.index["identity"]},
+            "options": {"error_norm": norm, "n_buckets": n_buckets, **(extra_options or {})}}
+    return [plan_from_choices(opts, sol.choices, prof, t, db.n_layers, **meta) for t, sol in zip(targets, sols)]
+
+
+def plan_from_choices(opts, choices, prof: LatencyProfile, target: float, n_layers: int, **meta) -> Plan:
+    """The Plan that takes option choices[g] in every group of `opts` (the output of `options`), its time
+    predicted by `prof`. meta: the Plan's profile, model, database and options records."""
+    groups, widths, levels, times, errors = opts
+    layers = [dict() for _ in range(n_layers)]
+    for (l, kind), w, lv, tm, er, o in zip(groups, widths, levels, times, errors, choices):
+        key = "heads" if kind == "attn" else "ffn"
+        layers[l][key] = int(w[o])
+        layers[l][f"{kind}_time"] = float(tm[o])
+        layers[l][f"{kind}_error"] = float(er[o])
+        if lv[o] > 0:                                          # a sparse option won: the plan says so
+            layers[l][f"{kind}_sparsity"] = float(lv[o])
+    base = prof.base["median"]
+    pred = prof.constant + sum(float(tm[o]) for tm, o in zip(times, choices))
+    return Plan(method="planner", target_speedup=float(target), predicted_time=float(pred),
+                predicted_speedup=float(base / pred), base_time=float(base), layers=layers,
+                total_error=float(sum(e[o] for e, o in zip(errors, choices))), **meta)
 
 
 def check_reachable(prof: LatencyProfile, targets, min_modules: float | None = None, how: str = "") -> None:
@@ -183,10 +182,6 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
     calib = {**cfg.calibration_record(), **(extra_options or {})}
     plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
                         structured=cfg.structured)
-    if cfg.search:
-        loss_of = stitched_loss(model, ck.adapter, db, cfg, split_batches(batches, cfg.val_fraction)[1])
-        plans = [searched(p, loss_of, db, prof, cfg, info, profile_path, calib, out_dir, progress) for p in plans]
-    del model
     L = len(plans[0].layers)
     if baseline:
         plans += [uniform_plan(prof, t, L, info, profile_path) for t in sorted(cfg.targets)]
@@ -196,20 +191,57 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
             return resolve(db, cprof, p, cfg, info, profile_path, calib)
         u = uniform_plan(cprof, p.target_speedup, L, info, profile_path)
         return dataclasses.replace(u, profile=p.profile)
-    plans = closed_loop(ck, prof, plans, cfg, again, progress)
+    timer = loop.ArchTimer(ck, prof) if cfg.loop_rounds and _here(prof) else None
+    plans = closed_loop(ck, prof, plans, cfg, again, progress, timer=timer)
+    if cfg.search:
+        train, held = split_batches(batches, cfg.val_fraction)
+        loss_of = search_stage.DeployLoss(model, ck.adapter, db, cfg.damp, search_stage.split_for_search(train, held))
+        plans = [_search(p, prof, db, cfg, loss_of, timer, out_dir, progress, info, profile_path, calib)
+                 if p.method == "planner" else p for p in plans]
+    del model
     for p in plans:
         p.save(out_dir / plan_name(p))
     return plans
 
 
+def _search(p: Plan, prof: LatencyProfile, db: Database, cfg: PlanConfig, loss_of, timer, out_dir: Path, progress,
+            info, profile_path, calib) -> Plan:
+    """The end-to-end search from p on the profile as the loop corrected it for p's target; the searched plan is
+    timed like the loop's and kept only when it lands within the tolerance too (else p stays, saying why)."""
+    corr = (p.options.get("closed_loop") or {}).get("correction")
+    cprof = prof.corrected(**corr) if corr else prof
+    opts = options(db, cprof, cfg.error_norm, structured=cfg.structured)
+    meta = {"profile": p.profile, "model": info, "database": p.database, "options": p.options}
+    found = search_stage.searched(p, cprof, loss_of, opts,
+                                  lambda ch: plan_from_choices(opts, ch, cprof, p.target_speedup, db.n_layers, **meta),
+                                  cfg, out_dir, progress)
+    if found.kept == p.kept:
+        return found
+    if timer is None:                                     # open loop: the searched plan keeps the same budget
+        return found
+    r = timer.measure([found.kept], 0.75 * cfg.tolerance, progress=progress)[0]
+    measured, lo, hi = 1 / r.value, 1 / r.hi, 1 / r.lo
+    rec = {**found.options["search"], "measured": measured, "interval": [lo, hi]}
+    if abs(measured / p.target_speedup - 1) <= cfg.tolerance:
+        loop_rec = {**found.options.get("closed_loop", {}), "measured": measured, "interval": [lo, hi],
+                    "status": "within tolerance (the searched plan, timed)"}
+        return dataclasses.replace(found, options={**found.options, "search": {**rec, "kept": True},
+                                                   "closed_loop": loop_rec})
+    return dataclasses.replace(p, options={**p.options, "search": {**rec, "kept": False, "why": (
+        f"the searched plan measured {measured:.3f}x, outside {cfg.tolerance:.0%} of {p.target_speedup:g}x")}})
+
+
+def _here(prof: LatencyProfile) -> bool:
+    """Whether the profile was measured on this machine (at its thread count)."""
+    here = hardware.describe(prof.hardware.get("device", "cpu"), threads=prof.hardware.get("threads"))
+    return prof.hardware.get("key") == here["key"]
+
+
 def resolve(db: Database, cprof: LatencyProfile, p: Plan, cfg: PlanConfig, info, profile_path, calib) -> Plan:
-    """The plan for p's target on a corrected profile, with p's search coefficients (if it was searched)."""
-    coefs = (p.options.get("search") or {}).get("coefficients")
-    scale = {(int(k.split(".")[0]), k.split(".")[1]): c for k, c in coefs.items()} if coefs else None
+    """The DP's plan for p's target on a corrected profile."""
     new = solve_plans(db, cprof, [p.target_speedup], cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
-                      scale=scale, structured=cfg.structured)[0]
-    keep = {k: v for k, v in p.options.items() if k in ("search",)}
-    return dataclasses.replace(new, options={**new.options, **keep}, profile=p.profile)
+                      structured=cfg.structured)[0]
+    return dataclasses.replace(new, profile=p.profile)
 
 
 def replan(ck, prof: LatencyProfile, p: Plan, cfg: PlanConfig, measured_speedup: float, progress: bool = True) -> Plan:
@@ -232,81 +264,16 @@ def replan(ck, prof: LatencyProfile, p: Plan, cfg: PlanConfig, measured_speedup:
 
 
 def closed_loop(ck, prof: LatencyProfile, plans: list[Plan], cfg: PlanConfig, resolve_fn, progress: bool = True,
-                points=None) -> list[Plan]:
+                points=None, timer=None) -> list[Plan]:
     """loop.close_loop where the profile was measured on this machine; elsewhere (--allow-other-machine) timing
     here says nothing about there, and the plans stay open-loop, saying so."""
     if cfg.loop_rounds <= 0:
         return plans
-    here = hardware.describe(prof.hardware.get("device", "cpu"), threads=prof.hardware.get("threads"))
-    if prof.hardware.get("key") != here["key"]:
+    if not _here(prof):
+        here = hardware.describe(prof.hardware.get("device", "cpu"), threads=prof.hardware.get("threads"))["key"]
         return [dataclasses.replace(p, options={**p.options, "closed_loop": {
-            "status": f"not run: the profile was measured on {prof.hardware.get('key')}, this is {here['key']}"}})
+            "status": f"not run: the profile was measured on {prof.hardware.get('key')}, this is {here}"}})
             for p in plans]
-    return close_loop(ck, prof, plans, resolve_fn, cfg, progress, points)
+    return close_loop(ck, prof, plans, resolve_fn, cfg, progress, points, timer=timer)
 
 
-def searched(plain: Plan, loss_of, db: Database, prof: LatencyProfile, cfg: PlanConfig, info, profile_path, calib,
-             out_dir: Path, progress: bool) -> Plan:
-    """SPDY search for one target: the plan whose stitched model has the lowest calibration loss among
-    cfg.search candidates (the plain DP's plan is the first, so the result is never worse on that loss).
-    Resumable: every evaluated candidate goes to OUT/search/search-<t>x.json as it is scored."""
-    groups = [(l, k) for l in range(db.n_layers) for k in KINDS]
-    by_key = {plan_key(plain): plain}
-
-    def solve(c):
-        p = solve_plans(db, prof, [plain.target_speedup], cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
-                        scale=dict(zip(groups, c)), structured=cfg.structured)[0]
-        by_key.setdefault(plan_key(p), p)
-        return plan_key(p)
-
-    state_path = out_dir / "search" / f"search-{plain.target_speedup:g}x.json"
-    want = {"kind": SEARCH_KIND, "schema_version": SEARCH_VERSION, "n_groups": len(groups), "seed": 0,
-            "n_random": n_random_default(cfg.search), "n": cfg.search, "lo": 0.25, "hi": 4.0,
-            "identity": {"database": db.index["identity"], "target": plain.target_speedup,
-                         "profile": plain.profile["created"], "norm": cfg.error_norm}}
-    state = {**want, "history": []}
-    if state_path.exists():
-        old = io.read_json(state_path, "search state")
-        if all(old.get(k) == v for k, v in want.items()):
-            state = old                                          # resume: same search, continue its history
-
-    def keep(record):
-        state["history"].append(record)
-        io.write_json(state_path, state)
-
-    res = search(len(groups), solve, lambda key: loss_of(by_key[key]), cfg.search,
-                 cfg.search_minutes * 60 if cfg.search_minutes else None, seed=want["seed"],
-                 n_random=want["n_random"], lo=want["lo"], hi=want["hi"], progress=progress,
-                 history=state["history"], on_candidate=keep)
-    best_key = tuple(res.history[min(range(len(res.history)), key=lambda i: res.history[i]["loss"])]["plan_key"])
-    if best_key not in by_key:                 # resumed: the winner came from the state file, not this session
-        solve(np.asarray(res.coefs))
-    best = by_key.get(best_key, plain)
-    record = {"candidates": res.n_candidates, "evaluated": res.n_evaluated, "loss_dp": res.loss_dp,
-              "loss": res.loss, "coefficients": {f"{l}.{k}": c for (l, k), c in zip(groups, res.coefs)},
-              "total_error_dp": plain.total_error}
-    return dataclasses.replace(best, options={**best.options, "search": record})
-
-
-def stitched_loss(dense, adapter, db: Database, cfg: PlanConfig, val: list[dict]):
-    """plan -> relative error of the last hidden states of the stitched model (OBS weights from the database)
-    against the dense model, on the held-back calibration batches `val`: Σ‖h − h_dense‖² / Σ‖h_dense − mean‖²."""
-    dev = next(dense.parameters()).device
-
-    @torch.no_grad()
-    def last_hidden(m):
-        out = []
-        for b in val:
-            ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
-            h = adapter.distill_outputs(m, ids, mask)["hidden"][-1]
-            out.append(h[mask.bool()].double())                      # (tokens, d)
-        return out
-
-    ref = last_hidden(dense)
-    den = sum(float(((r - r.mean(0)) ** 2).sum()) for r in ref)
-
-    def loss(plan: Plan) -> float:
-        m = copy.deepcopy(dense)
-        apply_(m, adapter, plan, select="obs", weights="obs", db=db, damp=cfg.damp, progress=False)
-        return sum(float(((h - r) ** 2).sum()) for h, r in zip(last_hidden(m), ref)) / max(den, 1e-30)
-    return loss

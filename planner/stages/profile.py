@@ -115,8 +115,9 @@ def profile(ck, cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> 
 def _profile(ck: Checkpoint, cfg: ProfileConfig, progress: bool) -> LatencyProfile:
     model, adapter = dense_model_from_config(ck, DTYPES[cfg.dtype], cfg.device)
     regimes.check_mode(adapter, cfg.mode)
-    # decode: the cache holds seq_len tokens and the timed step adds one
-    adapter.check_positions(model.config, cfg.seq_len + (cfg.mode == "decode"), f"--seq-len {cfg.seq_len}")
+    # decode: the cache holds seq_len tokens and the timed loop adds decode_steps
+    adapter.check_positions(model.config, cfg.seq_len + (cfg.decode_steps if cfg.mode == "decode" else 0),
+                            f"--seq-len {cfg.seq_len}")
     if cfg.method == "module" and adapter.module_call(adapter.layers(model)[0], "attn", None, (), {}) is None:
         raise PlannerError(f"--method module cannot time {adapter.family} modules alone; use --method model")
     shape = adapter.shape(model)
@@ -146,6 +147,7 @@ def _profile(ck: Checkpoint, cfg: ProfileConfig, progress: bool) -> LatencyProfi
         hardware=hardware.describe(cfg.device), shape={**shape.__dict__, "key": shape.key},
         batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype, mode=cfg.mode, method=cfg.method,
         base=base, constant=float(constant), modules=mods, notes=notes, floor=floor, sparse=sparse_mods,
+        decode_steps=cfg.decode_steps if cfg.mode == "decode" else 0,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return _fit(prof, mixed, [mixed_times[i] for i in range(len(mixed))])
 
@@ -196,7 +198,8 @@ def _clamped(prof: LatencyProfile) -> LatencyProfile:
 
 def _forward(model, adapter, cfg):
     """The timed call of `model` in the profiled regime (regimes.py)."""
-    return regimes.latency_call(model, adapter, cfg.mode, cfg.batch_size, cfg.seq_len, cfg.device)
+    return regimes.latency_call(model, adapter, cfg.mode, cfg.batch_size, cfg.seq_len, cfg.device,
+                                decode_steps=cfg.decode_steps if cfg.mode == "decode" else 0)
 
 
 def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile", reps: int | None = None,
@@ -289,7 +292,7 @@ def _profile_in_model(model, adapter, grids, dense, mixed, cfg, progress, sparse
     if sparse_variants:
         ratios.update(_time_variants(model, adapter, sparse_variants, cfg, progress, "profile: sparse",
                                      reps=cfg.sparse_reps)[0])
-    t0 = median(bases)
+    t0 = median(bases) / (cfg.decode_steps if cfg.mode == "decode" else 1)      # seconds per call, or per step
     # Every variant is a copy of the dense model, and a copy does not always run at the original's pace (a tiny
     # Llama's copy, decoding, measured 10-13% slower; MiniLM's at batch 8 within 1%): the dense width's ratio is
     # the copy's, so that every module time is a difference between copies, as the models a user deploys are

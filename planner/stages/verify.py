@@ -20,31 +20,28 @@ import torch
 
 from .. import data, hardware, io
 from ..adapters.checkpoint import Checkpoint, check_pair, n_params
-from ..config import VerifyConfig
+from ..config import ProfileConfig, VerifyConfig
 from ..data import batches as make_batches
 from ..data import token_windows
-from ..errors import PlannerError
+from ..errors import PlannerError, warn
 from ..progress import bar as progress_bar
 from ..timing import abba, median, ratio_of, spread, warm_up
 from ..types import LatencyProfile, VerifyReport
 from .profile import check_profile
-from .regimes import generation_loop, latency_call
+from .regimes import latency_call
 
 
 def measure_speedup(dense, comp, adapter, batch_size: int, seq_len: int, reps: int = VerifyConfig.reps,
                     warmup: int = VerifyConfig.warmup, device: str = "cpu", progress: bool = False,
-                    mode: str = "prefill", decode_steps: int = VerifyConfig.decode_steps,
+                    mode: str = "prefill", decode_steps: int = ProfileConfig.decode_steps,
                     max_reps: int = VerifyConfig.max_reps, halfwidth: float = VerifyConfig.halfwidth) -> dict:
     """Interleaved timing of the two models in `mode` (timing.abba), each warmed to a steady pace first: `reps`
     pairs, then more until the 95% interval of the speedup (the median per-pair ratio) is within +-halfwidth or
     max_reps pairs. Times are per call (prefill, score) or per generated token step (decode, where
     tokens_per_s = batch / step time is added)."""
-    if mode == "decode":
-        fd, fc = (generation_loop(m, adapter, batch_size, seq_len, decode_steps, device) for m in (dense, comp))
-        per = decode_steps                                           # one call generates decode_steps tokens
-    else:
-        fd, fc = (latency_call(m, adapter, mode, batch_size, seq_len, device) for m in (dense, comp))
-        per = 1
+    fd, fc = (latency_call(m, adapter, mode, batch_size, seq_len, device, decode_steps=decode_steps)
+              for m in (dense, comp))
+    per = decode_steps if mode == "decode" and decode_steps else 1   # one call generates decode_steps tokens
     warm_up(fd, device, min_calls=max(warmup, 1))
     warm_up(fc, device, min_calls=max(warmup, 1))
     td, tc = [], []
@@ -135,22 +132,27 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
         if (prof.batch_size, prof.seq_len) != (cfg.batch_size, cfg.seq_len):
             raise PlannerError(f"profile is for batch {prof.batch_size} x seq {prof.seq_len}, verifying at "
                                f"{cfg.batch_size} x {cfg.seq_len}: pass a profile of the same shape")
-    n_pos = cfg.seq_len + (cfg.decode_steps if mode == "decode" else 0)
-    comp_ck.check_positions(n_pos, f"--seq-len {cfg.seq_len}" +
-                            (f" with --decode-steps {cfg.decode_steps}" if mode == "decode" else ""))
+    # decode: the profile's unit (steps of the generation loop; a profile of one step: one), else the default
+    steps = cfg.decode_steps or (prof.decode_steps if prof is not None else
+                                 rec.get("profile", {}).get("decode_steps", ProfileConfig.decode_steps))
+    steps = steps if mode == "decode" else 0
+    comp_ck.check_positions(cfg.seq_len + max(steps, 1 if mode == "decode" else 0), f"--seq-len {cfg.seq_len}" +
+                            (f" with --decode-steps {steps}" if mode == "decode" else ""))
     if comp_ck.causal_lm:
         comp_ck.check_positions(cfg.ppl_window, f"--ppl-window {cfg.ppl_window}")
-    texts = data.sample(data.read_lines(cfg.text_path, data.HELDOUT, "held-out text file"), cfg.n_text, seed=1)
+    sets = {name: data.sample(data.read_lines(path, what="held-out text file"), cfg.n_text, seed=1)
+            for name, path in data.heldout_sets(cfg.text_path).items()}
+    _warn_far_from_calibration(comp_ck, sets)
     with hardware.threads(cfg.threads):
         dense = dense_model if dense_model is not None else dense_ck.load(cfg.device)
         comp, adapter = comp_ck.load(cfg.device), comp_ck.adapter
         sp = measure_speedup(dense, comp, adapter, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup, cfg.device,
-                             progress=progress, mode=mode, decode_steps=cfg.decode_steps, max_reps=cfg.max_reps,
+                             progress=progress, mode=mode, decode_steps=steps, max_reps=cfg.max_reps,
                              halfwidth=cfg.halfwidth)
         cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device) | {"mode": mode}
-        q = quality(dense, comp, adapter, comp_ck, texts, cfg, progress)
+        q = quality_on_sets(dense, comp, adapter, comp_ck, sets, cfg, progress)
     if mode == "decode":
-        cond["decode_steps"] = cfg.decode_steps
+        cond["decode_steps"] = steps
     predicted = None
     if prof is not None:                   # with the closed loop's correction, where the plan had one
         pred_prof = prof.corrected(**rec["correction"]) if rec.get("correction") else prof
@@ -173,7 +175,50 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
     return rep
 
 
-def quality(dense, comp, adapter, ck: Checkpoint, texts: list[str], cfg: VerifyConfig, progress: bool) -> dict:
+# below this share of its tokens seen in the calibration text, a held-out text is far from it: measured between
+# the shipped sets with MiniLM's tokenizer (benchmarks/bench_quality.py, the calibration-guidance table)
+FAR_COVERAGE = 0.9
+
+
+def _warn_far_from_calibration(ck: Checkpoint, sets: dict[str, list[str]]) -> None:
+    """One warning line per held-out set whose tokens the compressed model's calibration text rarely had."""
+    cal = ck.record.get("calibration")
+    if not cal:
+        return
+    ref = data.sample(data.read_lines(cal.get("path"), data.CALIBRATION, "calibration file"), cal.get("n") or 1024)
+    for name, texts in sets.items():
+        cov = data.token_coverage(ck.tokenizer, ref, texts)
+        if cov < FAR_COVERAGE:
+            warn(f"held-out set {name!r}: only {cov:.0%} of its tokens occur in the calibration text the model was "
+                 f"compressed on; expect lower quality on text like it, and calibrate on text like the model's "
+                 f"own input (planner plan --calib FILE)")
+
+
+# how each quality metric orders: the worst held-out set is the one with the lowest of these, the highest of those
+WORST = {"cosine": min, "spearman": min, "nn_agree": min, "top1_agree": min, "ppl_increase": max}
+
+
+def quality_on_sets(dense, comp, adapter, ck: Checkpoint, sets: dict[str, list[str]], cfg: VerifyConfig,
+                    progress: bool) -> dict:
+    """Quality on every held-out set: {"sets": {name: metrics}, the worst set's value of each metric at the top
+    level (the headline: text the user brings may be any of them), "worst": {metric: set name}}."""
+    per = {name: quality(dense, comp, adapter, ck, texts, cfg, progress, desc=name) for name, texts in sets.items()}
+    out = {"sets": per, "n_text": sum(q["n_text"] for q in per.values()), "worst": {}}
+    first = next(iter(per.values()))
+    for metric in first:
+        if metric in WORST:
+            name = WORST[metric](per, key=lambda n: per[n][metric])
+            out[metric], out["worst"][metric] = per[name][metric], name
+        elif metric not in ("n_text",) and len(per) == 1:
+            out[metric] = first[metric]
+    if "ppl" in first:                                   # perplexities of the set whose increase is the worst
+        w = out["worst"]["ppl_increase"]
+        out.update(ppl=per[w]["ppl"], ppl_dense=per[w]["ppl_dense"], n_tokens=per[w]["n_tokens"])
+    return out
+
+
+def quality(dense, comp, adapter, ck: Checkpoint, texts: list[str], cfg: VerifyConfig, progress: bool,
+            desc: str = "") -> dict:
     """Held-out quality of `comp` against `dense`: perplexity and next-token agreement (causal LMs) or the
     embedding similarity structure (encoders); tokenised with the compressed checkpoint's tokenizer."""
     tok = ck.tokenizer
@@ -182,9 +227,9 @@ def quality(dense, comp, adapter, ck: Checkpoint, texts: list[str], cfg: VerifyC
     else:
         max_len = min(128, adapter.max_positions(comp.config) or 128)
         ed = embeddings(dense, adapter, tok, texts, max_len=max_len, device=cfg.device, progress=progress,
-                        desc="verify: dense quality")
+                        desc=f"verify {desc}: dense")
         ec = embeddings(comp, adapter, tok, texts, max_len=max_len, device=cfg.device, progress=progress,
-                        desc="verify: compressed quality")
+                        desc=f"verify {desc}: compressed")
         q = similarity_quality(ed, ec)
     q["n_text"] = len(texts)
     return q
