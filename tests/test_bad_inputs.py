@@ -13,14 +13,9 @@ import planner
 from planner.config import PlanConfig, RecoverConfig
 from planner.errors import PlannerError
 
-from .conftest import _vocab, make_tiny, save_perturbed
+from .conftest import _vocab, make_tiny, save_perturbed, target_inside
 from .test_cli import FAST, _err, _ok
 from .test_decoder_pipeline import make_tiny_llama
-
-
-def _inside(prof) -> float:
-    """A target well inside what a (noisy, one-round) profile of a tiny model reaches."""
-    return max(1.01, round(min(1.2, 1 + 0.5 * (prof.max_speedup() - 1)), 2))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +24,7 @@ def work(tiny_bert, calib_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     prof = root / "p.json"
     _ok(["profile", tiny_bert, *FAST, "--n-mixed", 3, "--out", prof, "-q"])
-    target = _inside(planner.LatencyProfile.load(prof))
+    target = target_inside(planner.LatencyProfile.load(prof))
     _ok(["plan", "--search", 0, tiny_bert, "--profile", prof, "-x", target, "--calib", calib_file, "--n-calib", 32,
          "--out", root / "plans", "-q"])
     plan = root / "plans" / f"plan-{target:g}x.json"
@@ -37,7 +32,7 @@ def work(tiny_bert, calib_file, tmp_path_factory):
     llama = make_tiny_llama(root / "llama")
     lprof = root / "lp.json"
     _ok(["profile", llama, *FAST, "--n-mixed", 3, "--out", lprof, "-q"])
-    lt = _inside(planner.LatencyProfile.load(lprof))
+    lt = target_inside(planner.LatencyProfile.load(lprof))
     _ok(["plan", "--search", 0, llama, "--profile", lprof, "-x", lt, "--calib", calib_file, "--n-calib", 32,
          "--out", root / "lplans", "-q"])
     _ok(["apply", llama, root / "lplans" / f"plan-{lt:g}x.json", "--out", root / "lsmall", "-q"])
@@ -81,7 +76,7 @@ def test_recover_refuses_a_teacher_it_was_not_made_from(work, tmp_path):
 def test_sequence_longer_than_the_position_embeddings(work, tiny_bert, tmp_path, calib_file):
     # the tiny BERT has 160 positions, the tiny Llama rotary positions (no limit)
     _err(["profile", tiny_bert, "--seq-len", 161, "--batch-size", 1, "--out", tmp_path / "p.json"],
-         "position embeddings for 160 tokens: use at most 160")
+         "position embeddings for 160 tokens: use --seq-len at most 160")
     _err(["verify", tiny_bert, work["small"], "-b", 1, "-s", 400, "--reps", 3], "--seq-len 400 needs 400 positions")
     with pytest.raises(PlannerError, match="--calib-max-len 200 needs 200 positions"):
         planner.plan(tiny_bert, work["profile"], PlanConfig(search=0, targets=(1.1,), calib_path=str(calib_file),
@@ -95,8 +90,10 @@ def test_sequence_longer_than_the_position_embeddings(work, tiny_bert, tmp_path,
 def test_gpt2_decode_counts_the_cache_and_the_new_tokens(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=20)
     d = save_perturbed(transformers.GPT2LMHeadModel, cfg, tmp_path / "gpt2")
-    _err(["profile", d, "--mode", "decode", "-b", 1, "-s", 20, "--out", tmp_path / "p.json"],
-         "needs 21 positions")
+    line = _err(["profile", d, "--mode", "decode", "-b", 1, "-s", 20, "--out", tmp_path / "p.json"],
+                "needs 36 positions")                     # 20 in the cache, 16 decoded (--decode-steps)
+    assert "use --seq-len at most 4" in line
+    _ok(["profile", d, "--mode", "decode", "-b", 1, "-s", 4, "--rounds", 1, "--n-mixed", 0, "--out", tmp_path / "q.json", "-q"])
     ad = planner.adapters.get_adapter("gpt2")
     assert ad.max_positions(cfg) == 20 and planner.adapters.get_adapter("llama").max_positions(None) is None
     rob = transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)
@@ -118,7 +115,7 @@ def test_causal_lm_tokenizer_without_an_end_of_text_token(work, tmp_path, calib_
         f.unlink()
     (d / "vocab.txt").unlink(missing_ok=True)
     _word_tokenizer(list(dict.fromkeys(_vocab()))).save_pretrained(str(d))
-    line = _err(["plan", "--search", 0, d, "--profile", work["lprofile"], "-x", _inside(planner.LatencyProfile.load(work["lprofile"])),
+    line = _err(["plan", "--search", 0, d, "--profile", work["lprofile"], "-x", target_inside(planner.LatencyProfile.load(work["lprofile"])),
                  "--calib", calib_file, "--n-calib", 32,
                  "--out", tmp_path / "o"], "no EOS")
     assert "eos_token" in line and not (tmp_path / "o" / "db" / "index.json").exists()

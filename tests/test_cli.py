@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from planner.cli import main
 from planner.types import LatencyProfile, Plan, VerifyReport
 
-from .conftest import make_tiny
+from .conftest import make_tiny, target_inside
 
 FAST = ["--rounds", "1", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]
 
@@ -49,7 +49,7 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
     assert prof.fit["n_mixed"] == 8 and len(prof.fit["variants"]) == 8      # the self-check on mixed architectures
     for v in prof.fit["variants"]:
         assert v["measured"] > 0 and v["predicted"] == pytest.approx(prof.predict(v["layers"]))
-    target = round(min(1.5, 0.8 * prof.max_speedup()), 2)
+    target = target_inside(prof, share=0.8, cap=1.5)
     # the closed loop times a tiny model's plans with noise as large as their savings: test_loop.py and
     # test_search.py check it; here the chain of commands, open loop
     r = _ok(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", target, "--calib", calib_file, "--n-calib", 64,

@@ -25,9 +25,13 @@ def test_minilm_2x_beats_magnitude(tmp_path):
     rep = planner.verify(model, out, cfg, profile_path=ppath)
     rep_u = planner.verify(model, out_u, cfg, profile_path=ppath)
     assert rep.sizes["compressed_params"] < rep.sizes["dense_params"]
-    assert rep.quality["spearman"] > 0.6
-    assert rep.quality["spearman"] > rep_u.quality["spearman"] + 0.05
-    assert rep.quality["nn_agree"] > rep_u.quality["nn_agree"]
+    sets, sets_u = rep.quality["sets"], rep_u.quality["sets"]
+    print({n: round(q["spearman"], 3) for n, q in sets.items()}, {n: round(q["spearman"], 3) for n, q in sets_u.items()})
+    assert set(sets) == {"heldout", "docs", "packages"}          # the shipped set and two of outside authors
+    assert sets["heldout"]["spearman"] > 0.6 and rep.quality["spearman"] > 0.5      # the headline is the worst set
+    for name in sets:                                          # planner beats the baseline on every kind of text
+        assert sets[name]["spearman"] > sets_u[name]["spearman"] + 0.05, name
+        assert sets[name]["nn_agree"] > sets_u[name]["nn_agree"], name
     # the saved directory equals the in-memory model
     x = {"input_ids": torch.randint(1000, 20000, (2, 20)), "attention_mask": torch.ones(2, 20, dtype=torch.long)}
     with torch.no_grad():

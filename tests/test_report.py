@@ -44,7 +44,7 @@ def test_run_writes_report_and_resumes(run_dir, tiny_bert, calib_file):
     assert len(a.profiles) == 1 and len(a.plans) == 4 and len(a.reports) == 6
     assert sorted((m, t) for _, m, t, _ in a.reports) == sorted(
         [("planner", 1.2), ("planner", 1.4), ("magnitude-uniform", 1.2), ("magnitude-uniform", 1.4),
-         ("recovered", 1.2), ("recovered", 1.4)])
+         ("planner+recovery", 1.2), ("planner+recovery", 1.4)])
     rows = json.loads((run_dir / "results.json").read_text())["rows"]
     assert sorted(r["method"] for r in rows) == ["magnitude-uniform"] * 2 + ["planner"] * 2 + ["planner+recovery"] * 2
     for t in (1.2, 1.4):                              # the recovered model has the one-shot model's architecture

@@ -6,15 +6,16 @@ from planner.config import PlanConfig, ProfileConfig
 from planner.io import read_json
 from planner.stages import database
 
-from .conftest import make_tiny
+from .conftest import make_tiny, target_inside
 
 
 def test_interrupted_build_resumes_to_same_plan(tmp_path, calib_file, monkeypatch):
     model = make_tiny(tmp_path / "m", layers=3)
     prof, ppath = planner.profile(model, ProfileConfig(batch_size=2, seq_len=16, rounds=1, threads=1),
                                   out=tmp_path / "p.json", progress=False)
-    target = round(min(1.4, 0.8 * prof.max_speedup()), 2)
-    cfg = PlanConfig(search=0, targets=(target,), calib_path=str(calib_file), n_calib=64)
+    target = target_inside(prof, share=0.8, cap=1.4)
+    # the plan is a function of the database here: the closed loop's timings are test_loop.py's
+    cfg = PlanConfig(search=0, loop_rounds=0, targets=(target,), calib_path=str(calib_file), n_calib=64)
     clean = planner.plan(model, ppath, cfg, tmp_path / "clean", progress=False)
 
     real = database.obs.group_obs

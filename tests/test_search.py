@@ -13,6 +13,8 @@ from planner.algorithms.solver import solve
 from planner.cli import main
 from planner.config import PlanConfig, ProfileConfig
 
+from .conftest import target_inside
+
 
 def _toy(seed=0, G=8, n_opt=6):
     """Options with times and per-group errors; the true loss weighs the groups unevenly and adds an interaction
@@ -99,7 +101,7 @@ def test_resume_replays_to_the_same_result():
 def test_plan_with_search_on_tiny_model(tiny_bert, calib_file, tmp_path):
     prof, ppath = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0),
                                   out=tmp_path / "p.json", progress=False)
-    t = max(1.01, round(min(1.5, 1 + 0.5 * (prof.max_speedup() - 1)), 2))
+    t = target_inside(prof, cap=1.5)
     plain = planner.plan(tiny_bert, ppath, PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=96, search=0,
                                                       loop_rounds=0), tmp_path / "plain", progress=False)[0]
     r = CliRunner().invoke(main, ["plan", str(tiny_bert), "--profile", str(ppath), "-x", str(t), "--calib",
@@ -126,7 +128,7 @@ def test_search_and_closed_loop_together(tiny_bert, calib_file, tmp_path):
     """The search runs on the profile as the loop corrected it, and its plan is timed before it is kept."""
     prof, ppath = planner.profile(tiny_bert, ProfileConfig(batch_size=4, seq_len=32, rounds=1, threads=1, n_mixed=0),
                                   out=tmp_path / "p.json", progress=False)
-    t = max(1.01, round(1 + 0.4 * (prof.max_speedup() - 1), 2))
+    t = target_inside(prof, share=0.4, cap=10)
     [p] = planner.plan(tiny_bert, ppath, PlanConfig(targets=(t,), calib_path=str(calib_file), n_calib=96, search=12,
                                                     loop_rounds=2), tmp_path / "s", progress=False)
     loop, search = p.options["closed_loop"], p.options["search"]

@@ -87,12 +87,14 @@ class Adapter:
         """The longest sequence the model's position embeddings cover (None: no hard limit, e.g. rotary)."""
         return None
 
-    def check_positions(self, config, n: int, what: str) -> None:
-        """Refuse `n` tokens where the model has learned position embeddings for fewer."""
+    def check_positions(self, config, n: int, what: str, extra: int = 0) -> None:
+        """Refuse `n` + `extra` tokens where the model has learned position embeddings for fewer. `what` names
+        the option that set n; `extra`: positions added to it (a decode loop's new tokens)."""
         limit = self.max_positions(config)
-        if limit is not None and n > limit:
-            raise PlannerError(f"{what} needs {n} positions, but this {self.family} model has position embeddings "
-                               f"for {limit} tokens: use at most {limit}")
+        if limit is not None and n + extra > limit:
+            fix = f"use {what.split()[0]} at most {limit - extra}" if limit > extra else "use fewer decode steps"
+            raise PlannerError(f"{what} needs {n + extra} positions, but this {self.family} model has position "
+                               f"embeddings for {limit} tokens: {fix}")
 
     def forward_kwargs(self) -> dict:
         """Extra keyword arguments for calibration and evaluation forwards (decoders: no KV cache)."""

@@ -136,8 +136,8 @@ class Checkpoint:
         self.adapter.prepare_(model)
         return model.eval().to(device)
 
-    def check_positions(self, n: int, what: str) -> None:
-        self.adapter.check_positions(self.hf_config, n, what)
+    def check_positions(self, n: int, what: str, extra: int = 0) -> None:
+        self.adapter.check_positions(self.hf_config, n, what, extra)
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

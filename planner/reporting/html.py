@@ -70,7 +70,8 @@ def _method_target(path: Path, r: VerifyReport) -> tuple[str, float]:
             except (json.JSONDecodeError, OSError):
                 rec = {}
     if rec.get("method") and rec.get("target_speedup"):
-        return rec["method"], float(rec["target_speedup"])
+        # a recovered model keeps its plan's record and adds the training's: named as the run's table names it
+        return rec["method"] + ("+recovery" if rec.get("recover") else ""), float(rec["target_speedup"])
     m = _NAME.match(path.stem)
     if m:
         return m["method"], float(m["target"])

@@ -136,8 +136,8 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
     steps = cfg.decode_steps or (prof.decode_steps if prof is not None else
                                  rec.get("profile", {}).get("decode_steps", ProfileConfig.decode_steps))
     steps = steps if mode == "decode" else 0
-    comp_ck.check_positions(cfg.seq_len + max(steps, 1 if mode == "decode" else 0), f"--seq-len {cfg.seq_len}" +
-                            (f" with --decode-steps {steps}" if mode == "decode" else ""))
+    comp_ck.check_positions(cfg.seq_len, f"--seq-len {cfg.seq_len}" + (f" with {steps} decode steps" if mode == "decode"
+                                                                      else ""), max(steps, 1) if mode == "decode" else 0)
     if comp_ck.causal_lm:
         comp_ck.check_positions(cfg.ppl_window, f"--ppl-window {cfg.ppl_window}")
     sets = {name: data.sample(data.read_lines(path, what="held-out text file"), cfg.n_text, seed=1)
@@ -175,9 +175,11 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
     return rep
 
 
-# below this share of its tokens seen in the calibration text, a held-out text is far from it: measured between
-# the shipped sets with MiniLM's tokenizer (benchmarks/bench_quality.py, the calibration-guidance table)
-FAR_COVERAGE = 0.9
+# below this share of its tokens seen in the calibration text, a held-out text is far from it. Measured with
+# MiniLM's tokenizer and 1024 calibration passages: the shipped calibration text covers 84% of the shipped held-out
+# text's tokens, 79% of the standard-library docstrings' and 78% of the package descriptions'; calibrating on
+# docstrings covers 93% of the docstring set and 62% of the shipped held-out text (benchmarks/bench_quality.py)
+FAR_COVERAGE = 0.7
 
 
 def _warn_far_from_calibration(ck: Checkpoint, sets: dict[str, list[str]]) -> None:
