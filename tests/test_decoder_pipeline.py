@@ -34,7 +34,8 @@ def test_profile_plan_apply_verify(tiny_llama, tmp_path, calib_file, heldout_fil
     assert prof.mode == mode and prof.shape["kv_heads"] == 4 and prof.times("attn").widths == [0, 1, 2, 3, 4]
     assert 1.0 < prof.max_speedup() < float("inf")
     target = round(1 + min(0.3, 0.5 * (prof.max_speedup() - 1)), 2)      # well inside what the profile reaches
-    [plan] = planner.plan(tiny_llama, ppath, PlanConfig(search=0, targets=(target,), calib_path=str(calib_file), n_calib=64,
+    # open loop: the budget holds on the profile (the loop's own tests are test_loop.py)
+    [plan] = planner.plan(tiny_llama, ppath, PlanConfig(search=0, loop_rounds=0, targets=(target,), calib_path=str(calib_file), n_calib=64,
                                                         calib_max_len=32), tmp_path / "plans", progress=False)
     assert plan.predicted_speedup >= target * 0.999
     out, model = planner.apply(tiny_llama, plan, tmp_path / "small", progress=False)

@@ -4,12 +4,15 @@ the round history round-trips through the plan file; the local correction is a s
 import numpy as np
 import pytest
 
+import planner
 from planner.algorithms.latency import local_affine_fit
-from planner.config import PlanConfig
+from planner.config import PlanConfig, ProfileConfig
 from planner.errors import UnreachableTarget
 from planner.stages import loop
 from planner.timing import Ratio, median_ci
 from planner.types import LatencyProfile, Plan
+
+from .conftest import make_tiny
 
 L, H, F = 6, 12, 1536
 
@@ -137,3 +140,25 @@ def test_median_interval_covers_the_median():
     lo, hi = median_ci(x)
     assert lo < np.median(x) < hi and hi - lo < 0.1
     assert median_ci([1.0, 2.0]) == (1.0, 2.0)
+
+
+def test_a_plan_is_decided_when_its_interval_is_wholly_inside_or_outside_the_band():
+    def r(lo, hi):                                 # a ratio whose speedup interval is [lo, hi]
+        return Ratio(2 / (lo + hi), 1 / hi, 1 / lo, 12, 1.0, 2 / (lo + hi))
+    assert loop._decided(r(1.97, 2.03), 2.0, 0.02)            # inside [1.96, 2.04]
+    assert loop._decided(r(1.80, 1.90), 2.0, 0.02)            # wholly slower
+    assert loop._decided(r(2.10, 2.30), 2.0, 0.02)            # wholly faster
+    assert not loop._decided(r(1.90, 2.00), 2.0, 0.02)        # straddles the lower edge: time it longer
+    assert not loop._decided(r(1.90, 2.10), 2.0, 0.02)
+
+
+def test_the_timer_stops_timing_an_architecture_once_it_is_decided(tmp_path):
+    model = make_tiny(tmp_path / "m", layers=2)
+    prof, _ = planner.profile(model, ProfileConfig(batch_size=2, seq_len=16, rounds=1, threads=1, n_mixed=0),
+                              out=tmp_path / "p.json", progress=False)
+    timer = loop.ArchTimer(model, prof)
+    half = [{"heads": 2, "ffn": 64}] * 2
+    # a halfwidth no timing reaches: only `settled` (here: the first architecture, at once) stops one early
+    a, b = timer.measure([half, half], 1e-9, min_rounds=6, max_rounds=18, settled=lambda i, ratio: i == 0)
+    assert a.pairs == 6 and b.pairs == 18
+    assert 0 < a.value and 0 < b.value and a.lo <= a.value <= a.hi

@@ -120,7 +120,7 @@ def test_sparse_only_keeps_the_architecture(mixed_run, tiny_bert, calib_file):
     # the sparse FFN costs ~1% of dense, attention never gets faster: reachable is ~ base / (base - FFN share)
     ceiling = prof.base["median"] / (prof.constant + sum(min(t) for t in times))
     target = round(1 + 0.6 * (ceiling - 1), 3)
-    cfg = PlanConfig(search=0, targets=(target,), calib_path=str(calib_file), n_calib=64, structured=False)
+    cfg = PlanConfig(search=0, loop_rounds=0, targets=(target,), calib_path=str(calib_file), n_calib=64, structured=False)
     p = planner.plan(tiny_bert, ppath, cfg, tmp / "run", progress=False, db_dir=tmp / "run" / "db")[0]
     assert [(l["heads"], l["ffn"]) for l in p.layers] == [(full["attn"], full["ffn"])] * len(p.layers)
     assert any(l.get("ffn_sparsity") for l in p.layers) and p.predicted_speedup >= target - 1e-9

@@ -91,27 +91,43 @@ class ArchTimer:
                             self.device, decode_steps=self.prof.decode_steps)
 
     def measure(self, archs: list[list[dict]], halfwidth: float, min_rounds: int = 12, max_rounds: int = 30,
-                progress: bool = False) -> list[Ratio]:
+                progress: bool = False, settled: Callable[[int, Ratio], bool] | None = None) -> list[Ratio]:
         """time(arch) / time(dense) for each architecture: rounds of one interleaved run over the dense model and
-        every architecture (rotating order), the ratio of each round's timings, until every 95% interval of the
-        median ratio is within +-halfwidth or max_rounds."""
+        the architectures still being timed (rotating order), the ratio of each round's timings. An architecture
+        is done when the 95% interval of its median ratio is within +-halfwidth, or when `settled(i, ratio)` says
+        its interval already decides what the caller needs (the loop: wholly inside or wholly outside the band);
+        all stop at max_rounds. Each ratio pairs an architecture's timings with the dense ones of the same rounds."""
         with hardware.threads(self.threads):
             fns = [self._call(_variant(self.dense, self.adapter, variant_spec(a))) for a in archs]
         with hardware.threads(self.threads), torch.inference_mode():
             for f in fns:
                 warm_up(f, self.device)
             warm_up(self.fd, self.device)
-            times = [[] for _ in range(len(fns) + 1)]
+            pairs = [([], []) for _ in fns]                 # per architecture: (dense seconds, its seconds)
+            live = list(range(len(fns)))
+            done_rounds = 0
             bar = progress_bar(total=max_rounds, desc="closed loop: timing", unit="round", progress=progress)
-            while len(times[0]) < max_rounds:
-                step = min_rounds if not times[0] else 6
-                got = interleaved_calls([self.fd, *fns], step, self.device, start=len(times[0]))
-                times = [t + g for t, g in zip(times, got)]
+            while live and done_rounds < max_rounds:
+                step = min(min_rounds if not done_rounds else 6, max_rounds - done_rounds)
+                got = interleaved_calls([self.fd, *(fns[i] for i in live)], step, self.device, start=done_rounds)
+                for i, tv in zip(live, got[1:]):
+                    pairs[i][0].extend(got[0])
+                    pairs[i][1].extend(tv)
+                done_rounds += step
                 bar.update(step)
-                if all(_ratio(times[0], t).halfwidth <= halfwidth for t in times[1:]):
-                    break
+                live = [i for i in live if not (_ratio(*pairs[i]).halfwidth <= halfwidth or
+                                                (settled is not None and settled(i, _ratio(*pairs[i]))))]
             bar.close()
-        return [_ratio(times[0], t) for t in times[1:]]
+        return [_ratio(*p) for p in pairs]
+
+
+def _decided(ratio: Ratio, target: float, tol: float) -> bool:
+    """Whether a measured speedup's 95% interval lies wholly inside the band target x (1 +- tol), or wholly
+    outside it: then timing it longer changes nothing the loop does with it (keep the plan, or correct and solve
+    again), and the loop's time goes to the plans still in doubt."""
+    lo, hi = 1 / ratio.hi, 1 / ratio.lo                # speedup = 1 / ratio
+    a, b = target * (1 - tol), target * (1 + tol)
+    return (a <= lo and hi <= b) or hi < a or lo > b
 
 
 def _ratio(td, tv) -> Ratio:
@@ -159,7 +175,8 @@ def close_loop(ck, prof: LatencyProfile, plans: list[Plan], resolve: Callable[[L
         todo = [s for s in states if not s["done"]]
         # known to three quarters of the tolerance: enough to tell inside from outside the band in most rounds,
         # and each round of the loop costs seconds
-        ratios = timer.measure([s["plan"].kept for s in todo], 0.75 * cfg.tolerance, progress=progress)
+        ratios = timer.measure([s["plan"].kept for s in todo], 0.75 * cfg.tolerance, progress=progress,
+                               settled=lambda i, ratio: _decided(ratio, todo[i]["plan"].target_speedup, cfg.tolerance))
         for s, ratio in zip(todo, ratios):
             p, t = s["plan"], s["plan"].target_speedup
             measured, lo, hi = 1 / ratio.value, 1 / ratio.hi, 1 / ratio.lo
