@@ -82,7 +82,8 @@ def scenario(name: str, a, work: Path) -> list[dict]:
         return []
     cfg = RunConfig(targets=tuple(targets), profile=pcfg,
                     plan=PlanConfig(calib_path=text.get("calib_path"), tolerance=a.tolerance),
-                    verify=VerifyConfig(text_path=text.get("text_path")), baseline=spec["baseline"])
+                    verify=VerifyConfig(text_path=text.get("text_path")), baseline=spec["baseline"],
+                    recover_minutes=0)      # recovery keeps the architecture (bench_quality.py times recovered models)
     t0 = time.perf_counter()
     run_job.run(model, out, cfg, quiet=True)
     wall = time.perf_counter() - t0
