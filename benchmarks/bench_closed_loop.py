@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,10 +105,23 @@ def scenario(name: str, a, work: Path) -> list[dict]:
                 "loop status": loop.get("status", "off"), "loop s": loop.get("seconds"),
                 "replanned after verify": "replanned" in p.options,
                 "measured": rep.measured_speedup, "interval": rep.interval, "pairs": rep.conditions.get("pairs"),
-                "meas/target": rep.measured_speedup / t, **{k: rep.quality.get(k) for k in
+                "meas/target": rep.measured_speedup / t,
+                "fresh verify": _fresh_verify(model, out / "models" / f"{mname}-{t:g}x", pcfg, text) / t,
+                **{k: rep.quality.get(k) for k in
                                                             ("spearman", "nn_agree", "ppl_increase")},
                 "job wall s": wall})
     return rows
+
+
+def _fresh_verify(dense: Path, comp: Path, pcfg: ProfileConfig, text: dict) -> float:
+    """The saved model's speedup as a user re-measures it: `planner verify` in a process of its own (the job's
+    verify runs inside the job, after everything the job allocated), in the profile's regime and threads."""
+    cmd = [sys.executable, "-m", "planner.cli", "verify", str(dense), str(comp), "-b", str(pcfg.batch_size), "-s",
+           str(pcfg.seq_len), "--mode", pcfg.mode, "--threads", str(pcfg.threads), "--n-text", "16", "--json", "-q"]
+    if text.get("text_path"):
+        cmd += ["--text", text["text_path"]]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(json.loads(r.stdout[r.stdout.index("{"):])["measured_speedup"])
 
 
 def diagnose(a, work: Path) -> list[dict]:

@@ -108,6 +108,8 @@ class PlanConfig(_Config):
     search: int = opt(64, "end-to-end search: at most this many candidate plans per target, each deployed as "
                       "apply would and scored on held-back calibration text (0: the DP's plan); resumable")
     search_minutes: float | None = opt(1.5, "time budget of the search per target (minutes)", type=float)
+    search_repairs: int = opt(2, "closed loop: times a searched plan that measured outside the tolerance is "
+                                 "repaired to the corrected budget and timed again (0: the DP's plan is kept)")
     n_buckets: int = opt(10_000, "time buckets of the DP (its resolution)", flag="buckets")
     tolerance: float = opt(0.02, "closed loop: a plan is kept when its measured speedup is within this share of "
                            "its target")
@@ -133,6 +135,7 @@ class PlanConfig(_Config):
         _check(self.search_minutes is None or self.search_minutes > 0, "--search-minutes must be > 0")
         _check(0 < self.tolerance < 0.5, "--tolerance must be in (0, 0.5), e.g. 0.02")
         _check(self.loop_rounds >= 0, "--loop-rounds must be >= 0")
+        _check(self.search_repairs >= 0, "--search-repairs must be >= 0")
 
     @property
     def database(self) -> "DatabaseConfig":

@@ -36,7 +36,7 @@ def work(tiny_bert, calib_file, tmp_path_factory):
     _ok(["plan", "--search", 0, llama, "--profile", lprof, "-x", lt, "--calib", calib_file, "--n-calib", 32,
          "--out", root / "lplans", "-q"])
     _ok(["apply", llama, root / "lplans" / f"plan-{lt:g}x.json", "--out", root / "lsmall", "-q"])
-    return {"root": root, "profile": prof, "plan": plan, "small": root / "small", "llama": llama,
+    return {"root": root, "profile": prof, "plan": plan, "target": target, "small": root / "small", "llama": llama,
             "lprofile": lprof, "lsmall": root / "lsmall"}
 
 
@@ -79,7 +79,7 @@ def test_sequence_longer_than_the_position_embeddings(work, tiny_bert, tmp_path,
          "position embeddings for 160 tokens: use --seq-len at most 160")
     _err(["verify", tiny_bert, work["small"], "-b", 1, "-s", 400, "--reps", 3], "--seq-len 400 needs 400 positions")
     with pytest.raises(PlannerError, match="--calib-max-len 200 needs 200 positions"):
-        planner.plan(tiny_bert, work["profile"], PlanConfig(search=0, targets=(1.1,), calib_path=str(calib_file),
+        planner.plan(tiny_bert, work["profile"], PlanConfig(search=0, targets=(work["target"],), calib_path=str(calib_file),
                                                             calib_max_len=200), tmp_path / "o", progress=False)
     with pytest.raises(PlannerError, match="--max-len 300 needs 300 positions"):
         planner.recover(work["small"], tiny_bert, RecoverConfig(steps=1, max_len=300), out=tmp_path / "r",
@@ -198,8 +198,8 @@ def test_profile_of_other_threads_on_this_machine_plans(work, tiny_bert, tmp_pat
     assert d["hardware"]["threads"] == 1
     planner.hardware.set_threads(2)
     try:
-        _ok(["plan", "--search", 0, tiny_bert, "--profile", work["profile"], "-x", 1.05, "--calib", calib_file, "--n-calib", 32,
-             "--out", tmp_path / "o", "-q"])
+        _ok(["plan", "--search", 0, tiny_bert, "--profile", work["profile"], "-x", work["target"], "--calib", calib_file,
+             "--n-calib", 32, "--out", tmp_path / "o", "-q"])
     finally:
         planner.hardware.set_threads(1)
-    assert (tmp_path / "o" / "plan-1.05x.json").exists()
+    assert (tmp_path / "o" / f"plan-{work['target']:g}x.json").exists()

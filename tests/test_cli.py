@@ -123,7 +123,8 @@ def test_mismatched_profile(tmp_path, tiny_bert, profiled, calib_file):
          "--allow-other-machine")
     assert not (tmp_path / "o").exists()
     # the override works
-    _ok(["plan", "--search", 0, tiny_bert, "--profile", moved, "-x", 1.1, "--calib", calib_file, "--n-calib", 32,
+    _ok(["plan", "--search", 0, tiny_bert, "--profile", moved, "-x", target_inside(LatencyProfile.load(profiled)),
+         "--calib", calib_file, "--n-calib", 32,
          "--allow-other-machine", "--out", tmp_path / "o3", "-q"])
 
 
@@ -137,7 +138,8 @@ def test_unreachable_target(tmp_path, tiny_bert, profiled, calib_file):
 def test_empty_calibration(tmp_path, tiny_bert, profiled):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    _err(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", 1.1, "--calib", empty, "--out", tmp_path / "o"], "empty")
+    _err(["plan", "--search", 0, tiny_bert, "--profile", profiled, "-x", target_inside(LatencyProfile.load(profiled)),
+          "--calib", empty, "--out", tmp_path / "o"], "empty")
     assert not list(tmp_path.rglob("plan-*.json"))
 
 

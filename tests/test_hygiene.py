@@ -58,3 +58,20 @@ def test_thread_count_is_restored_after_each_call(tiny_bert, tmp_path, heldout_f
     planner.verify(tiny_bert, tiny_bert, VerifyConfig(batch_size=2, seq_len=8, reps=3, threads=2, n_text=8,
                                                       text_path=str(heldout_file)), progress=False)
     assert torch.get_num_threads() == 1
+
+
+def test_the_allocator_is_fixed_on_first_timing_not_on_import():
+    """Importing planner leaves malloc alone; the first timed call fixes glibc's thresholds (steady_allocator) and
+    every report says so; PLANNER_ALLOCATOR=default opts out."""
+    code = ("import planner, planner.hardware as h, planner.timing as t; assert h.allocator() == 'default'; "
+            "t.time_calls(lambda: None, 1); print(h.allocator()); "
+            "assert h.steady_allocator() == h.allocator(); print(h.describe()['allocator'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PLANNER_ALLOCATOR"))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-1500:]
+    first, described = r.stdout.split("\n")[:2]
+    if sys.platform.startswith("linux"):
+        assert first.startswith("glibc, mmap and trim thresholds fixed") and described == first
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "PLANNER_ALLOCATOR": "default"})
+    assert r.returncode == 0 and r.stdout.split("\n")[0] == "default", r.stderr[-1500:]

@@ -61,8 +61,12 @@ def test_report_page_carries_the_numbers(run_dir, tmp_path):
     index = report.write(run_dir, tmp_path / "rep")
     page = index.read_text()
     a = report.collect(run_dir)
-    for _, m, t, r in a.reports:                  # every verify row, with its measured and predicted speedup
+    for _, m, t, r in a.reports:                  # every verify row: measured speedup, its interval, quality
         assert f"{r.measured_speedup:.2f}x" in page and f"{r.quality['spearman']:.3f}" in page
+        assert f"[{r.interval[0]:.3f}, {r.interval[1]:.3f}]" in page
+    for _, p in a.plans:                          # every closed-loop round of every plan, with its interval
+        for rnd in p.options["closed_loop"].get("rounds", []):
+            assert f"{rnd['measured']:.3f}x" in page and f"[{rnd['lo']:.3f}, {rnd['hi']:.3f}]" in page
     prof = a.profiles[0][1]
     assert prof.hardware["name"] in page and f"batch {prof.batch_size} × seq {prof.seq_len}" in page
     srcs = re.findall(r"<img src='([^']+)'", page)

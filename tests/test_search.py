@@ -1,6 +1,7 @@
 """The end-to-end search: level switches keep the budget; never worse than its seed at the top fidelity; finds the
 better plan where the sum of per-module errors misleads; spends the top fidelity on survivors only; resumes to the
 same sequence; and is wired into `planner plan` (scored on the deployed model, kept only when its timing lands)."""
+import itertools
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import planner
-from planner.algorithms.search import evolve, level_switch
+from planner.algorithms.search import evolve, level_switch, repair
 from planner.algorithms.solver import solve
 from planner.cli import main
 from planner.config import PlanConfig, ProfileConfig
@@ -137,3 +138,36 @@ def test_search_and_closed_loop_together(tiny_bert, calib_file, tmp_path):
     if "kept" in search:                                 # the search found another plan: it was timed
         assert search["interval"][0] <= search["measured"] <= search["interval"][1]
         assert search["kept"] == (abs(search["measured"] / t - 1) <= 0.02)
+
+
+def _fits_and_is_local_optimum(ch, times, errors, budget):
+    total = sum(t[c] for t, c in zip(times, ch))
+    assert total <= budget + 1e-12
+    for g, c in enumerate(ch):                  # no single switch to a lossless-er option still fits
+        for o in range(len(times[g])):
+            if errors[g][o] < errors[g][c] and times[g][o] > times[g][c]:
+                assert total - times[g][c] + times[g][o] > budget + 1e-12
+
+
+def test_repair_brings_a_plan_within_budget_by_the_cheapest_cuts():
+    rng = np.random.default_rng(0)
+    gaps = []
+    for trial in range(50):
+        G, O = rng.integers(2, 6), rng.integers(2, 6)
+        times = [np.sort(rng.uniform(0, 1, O)) for _ in range(G)]            # option o: slower and better
+        errors = [np.sort(rng.uniform(0, 1, O))[::-1].copy() for _ in range(G)]
+        start = [int(rng.integers(0, O)) for _ in range(G)]
+        lo = sum(t[0] for t in times)
+        budget = float(rng.uniform(lo, sum(t[-1] for t in times)))
+        ch = repair(start, times, errors, budget)
+        _fits_and_is_local_optimum(ch, times, errors, budget)
+        best = min(sum(errors[g][c] for g, c in enumerate(x)) for x in itertools.product(range(O), repeat=G)
+                   if sum(times[g][c] for g, c in enumerate(x)) <= budget)
+        gaps.append(sum(errors[g][c] for g, c in enumerate(ch)) - best)
+    assert np.median(gaps) < 0.05                   # greedy, not exact: near the brute-force optimum as a rule
+    # one group cut: the option that costs least error per second saved
+    times = [np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.5, 1.0])]
+    errors = [np.array([1.0, 0.2, 0.0]), np.array([1.0, 0.9, 0.0])]
+    assert repair([2, 2], times, errors, 1.5) == [1, 2]                    # cut group 0 (0.2/0.5 < 0.9/0.5)
+    assert repair([0, 0], times, errors, 1.5) == [1, 2]                    # widen where it saves the most
+    assert repair([1, 2], times, errors, 1.5) == [1, 2]                    # fits, nothing better fits: unchanged

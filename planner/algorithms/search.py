@@ -133,3 +133,39 @@ def evolve(seed: list[int], times: list[np.ndarray], budget: float, evaluate: Ca
     bar.close()
     return SearchResult(choice=list(parent), loss=parent_loss, loss_seed=seed_loss, n_evaluated=n_eval,
                         n_candidates=len(seen), generations=gen, improvements=improvements, history=records)
+
+
+def repair(choice, times: list[np.ndarray], errors: list[np.ndarray], budget: float) -> list[int]:
+    """The plan nearest `choice` within `budget` by the DP's own currency: while the total time is over it, the
+    one-group switch to a faster option that costs the least error per second saved; then, while a switch to a
+    slower option with a smaller error still fits, the one that saves the most error per second spent. Used when
+    a searched plan, timed, missed its target: the measurement moved the budget, the search's architecture is
+    kept as far as it fits. times[g], errors[g]: [n_options_g]; returns option indices (choice itself if it fits
+    and nothing fits better)."""
+    ch = [int(c) for c in choice]
+    total = float(sum(times[g][c] for g, c in enumerate(ch)))
+    while total > budget:
+        best = None                                          # (error per second saved, group, option)
+        for g, c in enumerate(ch):
+            for o in np.flatnonzero(times[g] < times[g][c]):
+                r = (errors[g][o] - errors[g][c]) / (times[g][c] - times[g][o])
+                if best is None or r < best[0]:
+                    best = (r, g, int(o))
+        if best is None:                                     # every group at its fastest: as near as it gets
+            break
+        _, g, o = best
+        total += float(times[g][o] - times[g][ch[g]])
+        ch[g] = o
+    while True:
+        best = None                                          # (error saved per second, group, option)
+        for g, c in enumerate(ch):
+            for o in np.flatnonzero((times[g] > times[g][c]) & (errors[g] < errors[g][c])):
+                if total + times[g][o] - times[g][c] <= budget:
+                    r = (errors[g][c] - errors[g][o]) / (times[g][o] - times[g][c])
+                    if best is None or r > best[0]:
+                        best = (r, g, int(o))
+        if best is None:
+            return ch
+        _, g, o = best
+        total += float(times[g][o] - times[g][ch[g]])
+        ch[g] = o

@@ -55,10 +55,11 @@ def _planned(plans_dir: Path, prof: LatencyProfile, cfg: RunConfig, ck) -> list[
 
 
 def misses(rep: VerifyReport, target: float, tol: float) -> bool:
-    """Whether a saved model's measured speedup is outside the tolerance band of its target beyond its own 95%
-    interval (a miss the measurement cannot explain)."""
-    lo, hi = rep.interval or [rep.measured_speedup] * 2
-    return hi < target * (1 - tol) or lo > target * (1 + tol)
+    """Whether a saved model's measured speedup (the median) is outside the tolerance band of its target. Not
+    "beyond its 95% interval": that interval is the noise within one timing run, and the misses seen were
+    systematic (verify 2-7% under the loop's timer on every encoder target, each interval overlapping the band's
+    edge or not at random)."""
+    return abs(rep.measured_speedup / target - 1) > tol
 
 
 def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) -> "pd.DataFrame":

@@ -21,7 +21,7 @@ from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import LatencyProfile, Plan, VerifyReport
 from . import plots
-from .tables import PLOTTED, layer_cell
+from .tables import PLOTTED, interval_cell, layer_cell, loop_rows, per_set
 
 KNOWN = {"LatencyProfile": LatencyProfile, "Plan": Plan, "VerifyReport": VerifyReport}
 _NAME = re.compile(r"(?P<method>.+?)-(?P<target>\d+(?:\.\d+)?)x$")   # verify/<method>-<target>x.json
@@ -172,15 +172,18 @@ def _results_table(a: Artefacts) -> str:
     metrics = [m for m in PLOTTED if any(m in r.quality for *_, r in a.reports)]
     extra = sorted({k for *_, r in a.reports for k, v in r.quality.items()
                     if isinstance(v, (int, float)) and k not in metrics and k not in ("n_text", "speedup_spread")})
-    header = ["method", "target", "predicted", "measured", "pred/meas−1", "speedup spread", *metrics, *extra,
+    sets = sorted({k for *_, r in a.reports for k in per_set(r.quality)})     # "spearman[docs]", ...
+    header = ["method", "target", "predicted", "measured", "95% interval", "pred/meas−1", "speedup spread",
+              *[f"{m} (worst set)" if sets else m for m in metrics], *extra, *sets,
               "params (M)", "dense ms", "compressed ms"]
     rows = []
     for _, m, t, r in a.reports:
+        ps = per_set(r.quality)
         rows.append([m, f"{t:g}x", _fmt(r.predicted_speedup, ".2f") + ("x" if r.predicted_speedup else ""),
-                     f"{r.measured_speedup:.2f}x",
+                     f"{r.measured_speedup:.2f}x", interval_cell(r),
                      _fmt(r.prediction_ratio - 1 if r.prediction_ratio else None, "+.1%"),
                      _fmt(r.quality.get("speedup_spread"), ".3f"),
-                     *[_fmt(r.quality.get(k), ".3f") for k in metrics + extra],
+                     *[_fmt(r.quality.get(k), ".3f") for k in metrics + extra], *[_fmt(ps.get(k), ".3f") for k in sets],
                      _fmt(r.sizes.get("compressed_params", 0) / 1e6, ".1f"),
                      f"{r.dense_time*1e3:.2f}", f"{r.compressed_time*1e3:.2f}"])
     return _table(header, rows, left=1)
@@ -192,7 +195,7 @@ def _conditions(a: Artefacts) -> str:
         h = prof.hardware
         fit = prof.fit or {}
         rows = [["file", _rel(p, a.root)], ["hardware", f"{h.get('name')} ({h.get('device')}, key {h.get('key')})"],
-                ["threads", h.get("threads")], ["shape", f"batch {prof.batch_size} × seq {prof.seq_len}, "
+                ["threads", h.get("threads")], ["allocator", h.get("allocator", "default (not recorded)")], ["shape", f"batch {prof.batch_size} × seq {prof.seq_len}, "
                                                           f"{prof.dtype}, {prof.mode}"],
                 ["architecture", prof.shape.get("key")], ["timing method", prof.method],
                 ["dense time", f"{prof.base['median']*1e3:.2f} ms (spread {prof.base.get('spread', 0)*1e3:.2f} ms, "
@@ -273,6 +276,12 @@ def render(a: Artefacts, figures: list[tuple[str, str, object]]) -> str:
     fig_html = "".join(f"<figure><img src='{_e(name)}' alt='{_e(cap)}'><figcaption>{_e(cap)}</figcaption></figure>"
                        for name, cap, _ in figures)
     body.append("<h2>Figures</h2>" + fig_html)
+    loops = [row for _, p in a.plans for row in loop_rows(p)]
+    if loops:
+        body.append("<h2>Closed loop</h2><p class='muted'>Every round of every plan: the architecture timed "
+                    "interleaved against a copy of the dense model in the profile's regime; the prediction of the "
+                    "profile alone and as corrected; the correction fitted for the next round.</p>"
+                    + _table(list(loops[0]), [list(r.values()) for r in loops], left=2))
     if a.plans:
         body.append("<h2>Per-layer plans (kept heads / FFN neurons; @sN: full width, linears N% sparse)</h2>" + _plans_table([p for _, p in a.plans]))
     body.append("<h2>Conditions of every measurement</h2>" + _conditions(a))

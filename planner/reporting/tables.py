@@ -76,10 +76,28 @@ def per_set(q: dict) -> dict:
     return {f"{m}[{name}]": v[m] for m in QUALITY[causal][1] for name, v in sets.items()}
 
 
+def interval_cell(rep: VerifyReport) -> str:
+    """The measured speedup's 95% interval, "[lo, hi]" ("" for a report that predates intervals)."""
+    return f"[{rep.interval[0]:.3f}, {rep.interval[1]:.3f}]" if rep.interval else ""
+
+
+def loop_rows(p: Plan) -> list[dict]:
+    """A plan's closed-loop rounds as table rows (none where the loop did not run)."""
+    c = p.options.get("closed_loop") or {}
+    return [{"method": p.method, "target": f"{p.target_speedup:g}x", "round": r["round"],
+             "kept": "yes" if r["round"] == c.get("chosen") else "",
+             "profile alone": f"{r['open_loop_predicted']:.3f}x", "predicted": f"{r['predicted']:.3f}x",
+             "measured": f"{r['measured']:.3f}x", "95% interval": f"[{r['lo']:.3f}, {r['hi']:.3f}]",
+             "pairs": r["pairs"], "correction": f"{r['correction']['scale']:.3f} x + "
+                                                f"{r['correction']['offset'] * 1e3:.2f} ms",
+             "status": c.get("status", "") if r["round"] == c.get("chosen") else ""}
+            for r in c.get("rounds", [])]
+
+
 def result_row(plan: Plan, rep: VerifyReport) -> dict:
     """One row of the main job's results table: the worst held-out set's quality first, then every set's."""
     return {"method": plan.method, "target": plan.target_speedup, "predicted": rep.predicted_speedup,
-            "measured": rep.measured_speedup, "pred/meas-1": rep.prediction_ratio - 1 if rep.prediction_ratio
+            "measured": rep.measured_speedup, "95% interval": interval_cell(rep), "pred/meas-1": rep.prediction_ratio - 1 if rep.prediction_ratio
             else None, **{k: rep.quality[k] for k in METRICS if k in rep.quality}, **per_set(rep.quality),
             "params_M": rep.sizes["compressed_params"] / 1e6}
 

@@ -73,6 +73,7 @@ class ArchTimer:
         self.prof = prof
         self.device = prof.hardware.get("device", "cpu")
         self.threads = prof.hardware.get("threads")
+        hardware.steady_allocator()
         with hardware.threads(self.threads):
             ck = Checkpoint.open(ck)
             if ck.config.get("planner_layers"):           # a compressed member (gradual): its dense architecture

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import hardware, io
+from ..algorithms import search as search_alg
 from ..algorithms import solver
 from ..config import PlanConfig
 from ..errors import PlannerError, UnreachableTarget, warn
@@ -219,16 +220,45 @@ def _search(p: Plan, prof: LatencyProfile, db: Database, cfg: PlanConfig, loss_o
         return found
     if timer is None:                                     # open loop: the searched plan keeps the same budget
         return found
-    r = timer.measure([found.kept], 0.75 * cfg.tolerance, progress=progress)[0]
-    measured, lo, hi = 1 / r.value, 1 / r.hi, 1 / r.lo
-    rec = {**found.options["search"], "measured": measured, "interval": [lo, hi]}
-    if abs(measured / p.target_speedup - 1) <= cfg.tolerance:
-        loop_rec = {**found.options.get("closed_loop", {}), "measured": measured, "interval": [lo, hi],
-                    "status": "within tolerance (the searched plan, timed)"}
-        return dataclasses.replace(found, options={**found.options, "search": {**rec, "kept": True},
-                                                   "closed_loop": loop_rec})
-    return dataclasses.replace(p, options={**p.options, "search": {**rec, "kept": False, "why": (
-        f"the searched plan measured {measured:.3f}x, outside {cfg.tolerance:.0%} of {p.target_speedup:g}x")}})
+    # The searched architecture mixes widths the loop never timed, so the loop's correction can miss it (on the
+    # default encoder, 2 of 3 searched plans measured 3-4% slow, with a 13% lower loss at 3x). Each miss joins
+    # the loop's points, the correction is refitted, and the searched plan is repaired to the new budget by the
+    # DP's currency (search.repair), kept only while its deployed loss still beats the DP plan's.
+    t, tries, rec = p.target_speedup, [], found.options["search"]
+    pts = loop.base_points(prof) + loop.measured_points(p)
+    cur = found
+    for attempt in range(cfg.search_repairs + 1):
+        r = timer.measure([cur.kept], 0.75 * cfg.tolerance, progress=progress)[0]
+        measured, lo, hi = 1 / r.value, 1 / r.hi, 1 / r.lo
+        tries.append({"layers": cur.kept, "measured": measured, "interval": [lo, hi], "pairs": r.pairs})
+        if abs(measured / t - 1) <= cfg.tolerance:
+            loop_rec = {**found.options.get("closed_loop", {}), "measured": measured, "interval": [lo, hi],
+                        "status": "within tolerance (the searched plan, timed)" + (", repaired" if attempt else "")}
+            return dataclasses.replace(cur, options={**found.options, "closed_loop": loop_rec, "search": {
+                **rec, "kept": True, "measured": measured, "interval": [lo, hi], "timed": tries}})
+        if attempt == cfg.search_repairs:
+            break
+        pts.append({"additive": prof.predict(cur.kept), "measured": prof.base["median"] * r.value,
+                    "source": f"plan searched {t:g}x"})
+        corr2 = loop.correction(prof, pts, t)
+        cprof2 = prof.corrected(**corr2)
+        opts2 = options(db, cprof2, cfg.error_norm, structured=cfg.structured)
+        budget = cprof2.base["median"] / t - cprof2.constant
+        fixed = plan_from_choices(opts2, search_alg.repair(search_stage.choices_of(cur, opts2), opts2[3], opts2[4],
+                                                           budget), cprof2, t, db.n_layers, **meta)
+        if fixed.kept == cur.kept or any(fixed.kept == x["layers"] for x in tries):
+            break                                         # nothing nearer fits: the repair is stuck
+        loss = loss_of(fixed, 1)
+        tries[-1]["repaired_loss"] = loss
+        if loss >= rec["loss_seed"]:                      # the repair lost what the search gained
+            break
+        cur = dataclasses.replace(fixed, options={**fixed.options, "closed_loop": {
+            **found.options.get("closed_loop", {}), "correction": corr2}})
+    last = tries[-1]
+    return dataclasses.replace(p, options={**p.options, "search": {
+        **rec, "kept": False, "measured": last["measured"], "interval": last["interval"], "timed": tries, "why": (
+            f"the searched plan measured {last['measured']:.3f}x, outside {cfg.tolerance:.0%} of {t:g}x"
+            + (f" after {len(tries) - 1} repair(s)" if len(tries) > 1 else ""))}})
 
 
 def _here(prof: LatencyProfile) -> bool:
@@ -244,23 +274,38 @@ def resolve(db: Database, cprof: LatencyProfile, p: Plan, cfg: PlanConfig, info,
     return dataclasses.replace(new, profile=p.profile)
 
 
-def replan(ck, prof: LatencyProfile, p: Plan, cfg: PlanConfig, measured_speedup: float, progress: bool = True) -> Plan:
+def replan(ck, prof: LatencyProfile, p: Plan, cfg: PlanConfig, measured_speedup: float, progress: bool = True,
+           resolve_fn=None, timer=None) -> Plan:
     """A plan whose saved model measured `measured_speedup` (real weights, `verify`) outside the tolerance, solved
-    again: the saved model's measurement joins the loop's points, the correction is refitted, and the loop runs
-    from the new plan. Uses the plan's own database and calibration settings."""
-    db = Database(p.database["path"])
-    calib = {k: v for k, v in p.options.items() if k not in ("error_norm", "n_buckets", "closed_loop", "search")}
-    saved = {"additive": prof.predict(p.kept), "measured": prof.base["median"] / measured_speedup, "source": "saved"}
-    pts = [*loop.measured_points(p), saved]
+    again. The loop's timer and verify disagreed on the same architecture: on the 2-core CI machine kind, inside
+    one job, verify measured the saved encoder models 2-7% slower than the loop had timed their architectures
+    (and a heap fragmented by 9 GB of scattered tensors moved one pair from 2.25x to 1.90x), so re-solving on
+    the timer's scale would land the same miss again. The measurement wins: the timer's band is moved by the
+    ratio verify / timer on this architecture (timer_bias), the loop runs from the re-solved plan on the timer's
+    own points, and the plan keeps its target. Uses the plan's own database and calibration settings (tests pass
+    `resolve_fn(corrected profile, plan) -> plan` and a `timer`)."""
+    timed = (p.options.get("closed_loop") or {}).get("measured")
+    bias = measured_speedup / timed if timed else 1.0
+    t = p.target_speedup
+    aim = t / bias                                         # on the timer's scale, what verify will see as t
+    pts = loop.measured_points(p)
+    fn = resolve_fn
+    if fn is None:
+        db = Database(p.database["path"])
+        calib = {k: v for k, v in p.options.items() if k not in ("error_norm", "n_buckets", "closed_loop", "search")}
 
-    def fn(cprof, q):
-        return resolve(db, cprof, q, cfg, p.model, p.profile.get("path"), calib)
-    corr = loop.correction(prof, loop.base_points(prof) + pts, p.target_speedup)
-    first = fn(prof.corrected(**corr), p)
+        def fn(cprof, q):
+            return resolve(db, cprof, q, cfg, p.model, p.profile.get("path"), calib)
+    corr = loop.correction(prof, loop.base_points(prof) + pts, aim)
+    try:
+        first = fn(prof.corrected(**corr), dataclasses.replace(p, target_speedup=aim))
+    except UnreachableTarget:                              # the timer's scale says no plan gets there: keep p
+        return dataclasses.replace(p, options={**p.options, "replanned": {
+            "saved_measured": measured_speedup, "timer_bias": bias, "status": "unreachable on the timer's scale"}})
     first = dataclasses.replace(first, options={**first.options, "closed_loop": {"correction": corr}})
-    new = closed_loop(ck, prof, [first], cfg, fn, progress, points=pts)[0]
-    return dataclasses.replace(new, options={**new.options, "replanned": {"saved_measured": measured_speedup,
-                                                                          "saved_layers": p.kept}})
+    new = closed_loop(ck, prof, [first], cfg, fn, progress, points=pts, timer=timer)[0]
+    return dataclasses.replace(new, target_speedup=t, options={**new.options, "replanned": {
+        "saved_measured": measured_speedup, "saved_layers": p.kept, "timer_bias": bias, "timer_aim": aim}})
 
 
 def closed_loop(ck, prof: LatencyProfile, plans: list[Plan], cfg: PlanConfig, resolve_fn, progress: bool = True,

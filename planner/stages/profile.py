@@ -102,6 +102,7 @@ def profile(ck, cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> 
     the thread count is set for the call and restored after it."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise PlannerError("--device cuda asked for, but CUDA is not available here; use --device cpu")
+    hardware.steady_allocator()                      # before the models are built: all of it under one allocator
     with hardware.threads(cfg.threads):
         prof = _profile(Checkpoint.open(ck), cfg, progress)
     noise = prof.base.get("noise") or {}

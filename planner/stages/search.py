@@ -72,17 +72,24 @@ class DeployLoss:
         return sum(losses) / len(losses)
 
 
+def choices_of(plan: Plan, opts) -> list[int]:
+    """The option index, per group of `opts` (the DP's (groups, widths, levels, times, errors)), that `plan` takes."""
+    groups, widths, levels = opts[:3]
+    out = []
+    for (l, kind), w, lv in zip(groups, widths, levels):
+        key = "heads" if kind == "attn" else "ffn"
+        want = (plan.layers[l][key], plan.layers[l].get(f"{kind}_sparsity", 0.0))
+        out.append(next(i for i, (a, b) in enumerate(zip(w, lv)) if (int(a), float(b)) == want))
+    return out
+
+
 def searched(plain: Plan, cprof: LatencyProfile, loss_of: DeployLoss, opts, make_plan, cfg: PlanConfig,
              out_dir: Path, progress: bool) -> Plan:
     """The search for one target, from the plan `plain` (the DP's, as the closed loop left it), on the corrected
     profile `cprof`. opts: the DP's (groups, widths, levels, times, errors) on cprof; make_plan(choices) builds a
     Plan. Resumable: every evaluation goes to OUT/search/search-<t>x.json."""
-    groups, widths, levels, times, _ = opts
-    seed = []
-    for (l, kind), w, lv in zip(groups, widths, levels):
-        key = "heads" if kind == "attn" else "ffn"
-        want = (plain.layers[l][key], plain.layers[l].get(f"{kind}_sparsity", 0.0))
-        seed.append(next(i for i, (a, b) in enumerate(zip(w, lv)) if (int(a), float(b)) == want))
+    times = opts[3]
+    seed = choices_of(plain, opts)
     budget = cprof.base["median"] / plain.target_speedup - cprof.constant
     by_key: dict[tuple, Plan] = {}
 
