@@ -2,18 +2,20 @@
 
     python benchmarks/bench_closed_loop.py --work runs/bench-closed-loop --threads 2
         [--scenarios encoder-b8 encoder-b1 tinylm-prefill tinylm-decode tinylm-score] [--targets 1.5 2 3]
-        [--diagnose]
+        [--search 0] [--diagnose]
 
 Scenarios: the default encoder (all-MiniLM-L6-v2) at batch 8 and batch 1 x 128 tokens; the project's trained tiny
 Llama (benchmarks/tinylm.py) at batch 8 x 128 in the prefill, decode and score regimes. Each runs `planner run`
-(with the uniform magnitude baseline for encoder-b8) in WORK/<scenario>, which resumes. Targets beyond what the
-scenario's profile reaches are left out and said so.
+(with the uniform magnitude baseline for encoder-b8; no recovery, which keeps the architecture; by default no
+end-to-end search, whose timed plans bench_quality.py measures) in WORK/<scenario>, which resumes. Targets beyond
+what the scenario's profile reaches are left out and said so.
 
 Per target the table shows the open-loop prediction (what the profile alone predicted for the DP's first plan),
-every loop round's measurement (random weights, interleaved against a copy of the dense model, 95% interval),
-the loop's status and time, and the saved model's final measured speedup: `verify`, real weights, dense and
-compressed timed in one interleaved run until the interval is +-1% (or 60 pairs), with its interval and the
-ratio to the target. A saved model outside the tolerance is planned once more (`planner run` does it).
+every loop round's measurement (the checkpoint's weights, interleaved against a copy of the dense model, 95%
+interval), the loop's status and time, and the saved model's final measured speedup: the job's `verify`, dense
+and compressed timed in one interleaved run until the interval is +-1% (or 60 pairs), with its interval and the
+ratio to the target (a saved model outside the tolerance is planned once more: `planner run` does it); and
+"fresh verify": the same saved model re-measured by `planner verify` in a process of its own, as its user would.
 
 --diagnose also times, right after encoder-b8's profile, architectures that isolate where the additive latency
 model errs: attention cut alone, the FFN of every block cut alone (three widths, and a plan's mixed widths),
@@ -83,7 +85,7 @@ def scenario(name: str, a, work: Path) -> list[dict]:
     if not targets:
         return []
     cfg = RunConfig(targets=tuple(targets), profile=pcfg,
-                    plan=PlanConfig(calib_path=text.get("calib_path"), tolerance=a.tolerance),
+                    plan=PlanConfig(calib_path=text.get("calib_path"), tolerance=a.tolerance, search=a.search),
                     verify=VerifyConfig(text_path=text.get("text_path")), baseline=spec["baseline"],
                     recover_minutes=0)      # recovery keeps the architecture (bench_quality.py times recovered models)
     t0 = time.perf_counter()
@@ -160,6 +162,8 @@ def main():
     ap.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     ap.add_argument("--tolerance", type=float, default=PlanConfig.tolerance)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--search", type=int, default=0, help="end-to-end search candidates per target (the main job's "
+                    "default is 64; bench_quality.py measures the searched plans)")
     ap.add_argument("--diagnose", action="store_true", help="also time the architectures that locate the bias")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

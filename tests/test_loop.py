@@ -184,3 +184,8 @@ def test_a_replan_moves_the_timers_band_by_what_verify_measured(bias, monkeypatc
     again = q.options["closed_loop"]["measured"]                        # the timer's measure of the new plan
     assert abs(bias * again / 2.0 - 1) <= 0.02                          # what verify will see: within tolerance
     assert q.kept != p.kept
+    # a verify interval that overlaps the timer's: the two agree within their noise, the band stays
+    wide = [verified * 0.9, verified * 1.1]
+    r = plan_stage.replan(None, prof, p, cfg, verified, progress=False, resolve_fn=_resolve(prof), timer=timer,
+                          measured_interval=wide)
+    assert r.options["replanned"]["timer_bias"] == 1.0

@@ -138,6 +138,10 @@ def test_search_and_closed_loop_together(tiny_bert, calib_file, tmp_path):
     if "kept" in search:                                 # the search found another plan: it was timed
         assert search["interval"][0] <= search["measured"] <= search["interval"][1]
         assert search["kept"] == (abs(search["measured"] / t - 1) <= 0.02)
+        tries = search["timed"]                          # the searched plan, then each repair of it
+        assert 1 <= len(tries) <= 1 + PlanConfig.search_repairs
+        if search["kept"]:                               # what was kept is what was timed last, and no lossier
+            assert tries[-1]["layers"] == p.kept and search["loss_kept"] <= search["loss_seed"]
 
 
 def _fits_and_is_local_optimum(ch, times, errors, budget):

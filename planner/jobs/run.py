@@ -55,11 +55,11 @@ def _planned(plans_dir: Path, prof: LatencyProfile, cfg: RunConfig, ck) -> list[
 
 
 def misses(rep: VerifyReport, target: float, tol: float) -> bool:
-    """Whether a saved model's measured speedup (the median) is outside the tolerance band of its target. Not
-    "beyond its 95% interval": that interval is the noise within one timing run, and the misses seen were
-    systematic (verify 2-7% under the loop's timer on every encoder target, each interval overlapping the band's
-    edge or not at random)."""
-    return abs(rep.measured_speedup / target - 1) > tol
+    """Whether a saved model's measured speedup is outside the tolerance band of its target beyond its own 95%
+    interval. Re-planning on the median alone chased noise: with the allocator steady, two encoder models that
+    verify measured at 0.98x and 1.035x of their targets were re-planned and then measured 1.036x and 0.95x."""
+    lo, hi = rep.interval or [rep.measured_speedup] * 2
+    return hi < target * (1 - tol) or lo > target * (1 + tol)
 
 
 def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) -> "pd.DataFrame":
@@ -112,7 +112,8 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             # the saved model, real weights, missed: plan once more with its measurement in the loop's points
             _log(f"      {mdir.name}: measured {rep.measured_speedup:.2f}x, outside {cfg.plan_config.tolerance:.0%} of "
                  f"{p.target_speedup:g}x: planning again with that measurement", quiet)
-            p = plan_stage.replan(ck, prof, p, cfg.plan_config, rep.measured_speedup, progress)
+            p = plan_stage.replan(ck, prof, p, cfg.plan_config, rep.measured_speedup, progress,
+                                  measured_interval=rep.interval)
             p.save(out / "plans" / plan_stage.plan_name(p))
             apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress)
             rep = verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath,

@@ -226,16 +226,18 @@ def _search(p: Plan, prof: LatencyProfile, db: Database, cfg: PlanConfig, loss_o
     # DP's currency (search.repair), kept only while its deployed loss still beats the DP plan's.
     t, tries, rec = p.target_speedup, [], found.options["search"]
     pts = loop.base_points(prof) + loop.measured_points(p)
-    cur = found
+    cur, cur_corr, cur_loss = found, corr, rec["loss"]
     for attempt in range(cfg.search_repairs + 1):
         r = timer.measure([cur.kept], 0.75 * cfg.tolerance, progress=progress)[0]
         measured, lo, hi = 1 / r.value, 1 / r.hi, 1 / r.lo
         tries.append({"layers": cur.kept, "measured": measured, "interval": [lo, hi], "pairs": r.pairs})
         if abs(measured / t - 1) <= cfg.tolerance:
             loop_rec = {**found.options.get("closed_loop", {}), "measured": measured, "interval": [lo, hi],
+                        "correction": cur_corr,         # what the kept plan was predicted with (verify uses it)
                         "status": "within tolerance (the searched plan, timed)" + (", repaired" if attempt else "")}
             return dataclasses.replace(cur, options={**found.options, "closed_loop": loop_rec, "search": {
-                **rec, "kept": True, "measured": measured, "interval": [lo, hi], "timed": tries}})
+                **rec, "kept": True, "loss_kept": cur_loss, "measured": measured, "interval": [lo, hi],
+                "timed": tries}})
         if attempt == cfg.search_repairs:
             break
         pts.append({"additive": prof.predict(cur.kept), "measured": prof.base["median"] * r.value,
@@ -252,8 +254,7 @@ def _search(p: Plan, prof: LatencyProfile, db: Database, cfg: PlanConfig, loss_o
         tries[-1]["repaired_loss"] = loss
         if loss >= rec["loss_seed"]:                      # the repair lost what the search gained
             break
-        cur = dataclasses.replace(fixed, options={**fixed.options, "closed_loop": {
-            **found.options.get("closed_loop", {}), "correction": corr2}})
+        cur, cur_corr, cur_loss = fixed, corr2, loss
     last = tries[-1]
     return dataclasses.replace(p, options={**p.options, "search": {
         **rec, "kept": False, "measured": last["measured"], "interval": last["interval"], "timed": tries, "why": (
@@ -275,17 +276,22 @@ def resolve(db: Database, cprof: LatencyProfile, p: Plan, cfg: PlanConfig, info,
 
 
 def replan(ck, prof: LatencyProfile, p: Plan, cfg: PlanConfig, measured_speedup: float, progress: bool = True,
-           resolve_fn=None, timer=None) -> Plan:
+           resolve_fn=None, timer=None, measured_interval=None) -> Plan:
     """A plan whose saved model measured `measured_speedup` (real weights, `verify`) outside the tolerance, solved
     again. The loop's timer and verify disagreed on the same architecture: on the 2-core CI machine kind, inside
     one job, verify measured the saved encoder models 2-7% slower than the loop had timed their architectures
     (and a heap fragmented by 9 GB of scattered tensors moved one pair from 2.25x to 1.90x), so re-solving on
     the timer's scale would land the same miss again. The measurement wins: the timer's band is moved by the
     ratio verify / timer on this architecture (timer_bias), the loop runs from the re-solved plan on the timer's
-    own points, and the plan keeps its target. Uses the plan's own database and calibration settings (tests pass
+    own points, and the plan keeps its target. The ratio is used only where the two 95% intervals (verify's,
+    `measured_interval`, and the timer's) do not overlap: otherwise the two agree within their noise and the band
+    stays where it is. Uses the plan's own database and calibration settings (tests pass
     `resolve_fn(corrected profile, plan) -> plan` and a `timer`)."""
-    timed = (p.options.get("closed_loop") or {}).get("measured")
+    lp = p.options.get("closed_loop") or {}
+    timed, t_iv = lp.get("measured"), lp.get("interval")
     bias = measured_speedup / timed if timed else 1.0
+    if measured_interval and t_iv and measured_interval[0] <= t_iv[1] and t_iv[0] <= measured_interval[1]:
+        bias = 1.0                                         # the intervals overlap: no disagreement to correct
     t = p.target_speedup
     aim = t / bias                                         # on the timer's scale, what verify will see as t
     pts = loop.measured_points(p)
