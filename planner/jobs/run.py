@@ -62,6 +62,18 @@ def misses(rep: VerifyReport, target: float, tol: float) -> bool:
     return hi < target * (1 - tol) or lo > target * (1 + tol)
 
 
+def _verified(ck: Checkpoint, mdir: Path, rpath: Path, cfg: RunConfig, prof: LatencyProfile, dense: list,
+              progress: bool) -> VerifyReport:
+    """The verify report of the saved model `mdir`: read where it exists (a rerun), else measured and saved.
+    dense: [the dense model or None], loaded by the first call that needs it and kept for the others."""
+    if rpath.exists():
+        return VerifyReport.load(rpath)
+    if dense[0] is None:
+        dense[0] = ck.load(cfg.profile.device)
+    return verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath, dense_model=dense[0],
+                               progress=progress)
+
+
 def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) -> "pd.DataFrame":
     out = io.check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,15 +110,10 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         _log(f"      {mdir.name}: written", quiet)
 
     _log(f"[4/4] verify: interleaved timing ({pc.mode}) and held-out quality", quiet)
-    dense, rows = None, []
+    dense, rows = [None], []                    # the dense model, loaded once by the first verify that needs it
     for p, mdir, select, weights in jobs:
         rpath = out / "verify" / f"{mdir.name}.json"
-        if rpath.exists():
-            rep = VerifyReport.load(rpath)
-        else:
-            dense = dense if dense is not None else ck.load(pc.device)
-            rep = verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath,
-                                      dense_model=dense, progress=progress)
+        rep = _verified(ck, mdir, rpath, cfg, prof, dense, progress)
         if p.method == "planner" and cfg.plan_config.loop_rounds and "replanned" not in p.options and \
                 misses(rep, p.target_speedup, cfg.plan_config.tolerance):
             # the saved model, real weights, missed: plan once more with its measurement in the loop's points
@@ -116,8 +123,8 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
                                   measured_interval=rep.interval)
             p.save(out / "plans" / plan_stage.plan_name(p))
             apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress)
-            rep = verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath,
-                                      dense_model=dense, progress=progress)
+            rpath.unlink()                          # the model changed: measure it again
+            rep = _verified(ck, mdir, rpath, cfg, prof, dense, progress)
         rows.append(result_row(p, rep))
     rcfg = cfg.recover_config
     if rcfg is not None:
@@ -131,13 +138,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             rec = recover_stage.recover(Checkpoint.open(mdir), ck, rcfg, out=rdir, progress=progress)
             _log(f"      {rdir.name}: {held_back(rec.before)} -> {held_back(rec.after)} ({rec.steps} steps, "
                  f"{rec.train_time/60:.1f} min, {rec.stop})", quiet)
-            rpath = out / "verify" / f"{rdir.name}.json"
-            if rpath.exists():
-                rep = VerifyReport.load(rpath)
-            else:
-                dense = dense if dense is not None else ck.load(pc.device)
-                rep = verify_stage.verify(ck, Checkpoint.open(rdir), cfg.verify_config, prof, out=rpath,
-                                          dense_model=dense, progress=progress)
+            rep = _verified(ck, rdir, out / "verify" / f"{rdir.name}.json", cfg, prof, dense, progress)
             rows.append({**result_row(p, rep), "method": "planner+recovery"})
         rows.sort(key=lambda r: (r["target"], r["method"]))
     df = _write_results(out, rows, prof, show=True)
