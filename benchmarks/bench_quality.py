@@ -35,6 +35,7 @@ from planner import data, io
 from planner.adapters.checkpoint import Checkpoint
 from planner.config import PlanConfig, ProfileConfig, RunConfig, VerifyConfig
 from planner.jobs import run as run_job
+from planner.reporting.tables import interval_cell
 from planner.types import Plan, VerifyReport
 
 SETS = ("heldout", "docs", "packages")
@@ -43,7 +44,7 @@ SETS = ("heldout", "docs", "packages")
 def _row(variant: str, t: float, rep: VerifyReport) -> dict:
     q = rep.quality
     row = {"variant": variant, "target": t, "measured": rep.measured_speedup,
-           "interval": f"[{rep.interval[0]:.3f}, {rep.interval[1]:.3f}]" if rep.interval else ""}
+           "interval": interval_cell(rep)}
     for s in SETS:
         v = q.get("sets", {}).get(s, {})
         row[f"spearman[{s}]"], row[f"nn[{s}]"] = v.get("spearman"), v.get("nn_agree")

@@ -5,7 +5,7 @@ Measured on the 2-core CPU this project is built on (all-MiniLM-L6-v2, batch 8 x
 first calls run 30-70% slower than its steady state, for about ten calls (allocator and caches settling); one
 warm-up call, as the profile and verify had, left the same variant measuring 2.20x and 2.87x back to back. Within
 an interleaved run, per-pair ratios of an identical copy spread +-5% (p10-p90), so a ratio needs tens of pairs
-to be known to 1-2%: `measure_ratio` keeps adding pairs until its confidence interval is that narrow.
+to be known to 1-2%: verify and the closed loop keep adding pairs until its confidence interval is that narrow.
 """
 from __future__ import annotations
 
@@ -99,24 +99,6 @@ def ratio_of(ta, tb) -> Ratio:
     r = np.asarray(tb, dtype=float) / np.asarray(ta, dtype=float)
     lo, hi = median_ci(r)
     return Ratio(float(np.median(r)), lo, hi, len(r), median(ta), median(tb))
-
-
-def measure_ratio(fa: Callable[[], object], fb: Callable[[], object], device: str = "cpu", min_pairs: int = 12,
-                  max_pairs: int = 60, halfwidth: float = 0.01, max_seconds: float | None = None,
-                  warm: bool = True) -> Ratio:
-    """time(B) / time(A), interleaved (ABBA), warming both to a steady pace first, then adding pairs in blocks
-    until the 95% interval of the median per-pair ratio is within +-`halfwidth` (relative), or `max_pairs` or
-    `max_seconds` is reached."""
-    if warm:
-        warm_up(fa, device)
-        warm_up(fb, device)
-    t0 = time.perf_counter()
-    ta, tb = abba(fa, fb, min_pairs, device)
-    while len(ta) < max_pairs and ratio_of(ta, tb).halfwidth > halfwidth and \
-            (max_seconds is None or time.perf_counter() - t0 < max_seconds):
-        a, b = abba(fa, fb, min(6, max_pairs - len(ta)), device, start=len(ta))
-        ta, tb = ta + a, tb + b
-    return ratio_of(ta, tb)
 
 
 def interleaved(fns: list[Callable[[], object]], rounds: int, device: str = "cpu", start: int = 0) -> list[list[float]]:

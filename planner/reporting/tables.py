@@ -60,10 +60,9 @@ def loop_lines(p: Plan) -> list[str]:
     if "rounds" not in c:
         return [f"{p.target_speedup:g}x: closed loop {c.get('status', 'off')}"]
     out = [f"{p.target_speedup:g}x: {c['status']} (tolerance {c['tolerance']:.0%}, round {c['chosen']} kept)"]
-    for r in c["rounds"]:
-        out.append(f"  round {r['round']}: predicted {r['predicted']:.3f}x (profile alone {r['open_loop_predicted']:.3f}x),"
-                   f" measured {r['measured']:.3f}x [{r['lo']:.3f}, {r['hi']:.3f}] over {r['pairs']} pairs, correction "
-                   f"{r['correction']['scale']:.3f} x + {r['correction']['offset']*1e3:.2f} ms")
+    for r in loop_rows(p):
+        out.append(f"  round {r['round']}: predicted {r['predicted']} (profile alone {r['profile alone']}), measured "
+                   f"{r['measured']} {r['95% interval']} over {r['pairs']} pairs, correction {r['correction']}")
     return out
 
 

@@ -39,7 +39,7 @@ from ..algorithms.latency import local_affine_fit
 from ..config import PlanConfig
 from ..errors import UnreachableTarget
 from ..progress import bar as progress_bar
-from ..timing import Ratio, median_ci, warm_up
+from ..timing import Ratio, ratio_of, warm_up
 from ..timing import interleaved as interleaved_calls
 from ..types import LatencyProfile, Plan
 from .profile import DTYPES, _variant, dense_model_from_config
@@ -116,10 +116,10 @@ class ArchTimer:
                     pairs[i][1].extend(tv)
                 done_rounds += step
                 bar.update(step)
-                live = [i for i in live if not (_ratio(*pairs[i]).halfwidth <= halfwidth or
-                                                (settled is not None and settled(i, _ratio(*pairs[i]))))]
+                live = [i for i in live if not (ratio_of(*pairs[i]).halfwidth <= halfwidth or
+                                                (settled is not None and settled(i, ratio_of(*pairs[i]))))]
             bar.close()
-        return [_ratio(*p) for p in pairs]
+        return [ratio_of(*p) for p in pairs]
 
 
 def _decided(ratio: Ratio, target: float, tol: float) -> bool:
@@ -129,12 +129,6 @@ def _decided(ratio: Ratio, target: float, tol: float) -> bool:
     lo, hi = 1 / ratio.hi, 1 / ratio.lo                # speedup = 1 / ratio
     a, b = target * (1 - tol), target * (1 + tol)
     return (a <= lo and hi <= b) or hi < a or lo > b
-
-
-def _ratio(td, tv) -> Ratio:
-    r = np.asarray(tv, dtype=float) / np.asarray(td, dtype=float)
-    lo, hi = median_ci(r)
-    return Ratio(float(np.median(r)), lo, hi, len(r), float(np.median(td)), float(np.median(tv)))
 
 
 def base_points(prof: LatencyProfile) -> list[dict]:
