@@ -15,14 +15,14 @@ The package is layered (tests/test_layering.py keeps it so): algorithms (pure nu
 compress) <- api <- cli. Configs, results, errors and IO are shared by all of them.
 """
 from .api import apply, apply_recover, build_database, compress, load, plan, profile, recover, report, run, verify
-from .config import PlanConfig, ProfileConfig, RecoverConfig, RunConfig, VerifyConfig
+from .config import ApplyConfig, PlanConfig, ProfileConfig, RecoverConfig, RunConfig, VerifyConfig
 from .errors import PlannerError
 from .reporting import plots
 from .types import LatencyProfile, Plan, RecoverReport, VerifyReport
 from .versions import warn_if_outside as _warn_if_outside
 
 __all__ = ["profile", "plan", "apply", "verify", "recover", "apply_recover", "compress", "run", "report", "load",
-           "build_database", "ProfileConfig", "PlanConfig", "VerifyConfig", "RecoverConfig", "RunConfig",
+           "build_database", "ProfileConfig", "PlanConfig", "ApplyConfig", "VerifyConfig", "RecoverConfig", "RunConfig",
            "LatencyProfile", "Plan", "VerifyReport", "RecoverReport", "PlannerError", "plots"]
 __version__ = "0.1.0"
 

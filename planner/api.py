@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import io
+from . import hardware, io
 from .adapters.checkpoint import Checkpoint
-from .config import PlanConfig, ProfileConfig, RecoverConfig, RunConfig, VerifyConfig
+from .config import ApplyConfig, PlanConfig, ProfileConfig, RecoverConfig, RunConfig, VerifyConfig
 from .jobs import compress as compress_job
 from .jobs import run as run_job
 from .reporting import html
@@ -52,6 +52,7 @@ def plan(model_path, profile_path, cfg: PlanConfig, out_dir, progress=True, db_d
 def build_database(model_path, prof: LatencyProfile, cfg: PlanConfig, db_dir, progress=True):
     """The OBS database `plan` builds (or resumes) for this model, profile and calibration text."""
     ck = Checkpoint.open(model_path)
+    hardware.check_device(cfg.device)
     batches, calib_hash = _calibration_batches(ck, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
     return build_for_plan(ck, ck.load("cpu" if cfg.offload else cfg.device), prof, cfg, batches, calib_hash, db_dir,
                           progress)
@@ -63,10 +64,11 @@ def calibration_batches(model_path, calib_path, n, max_len, batch_size):
 
 
 def apply(model_path, plan_path_or_plan, out_dir, calib_path=None, weights: str | None = None, select: str = "obs",
-          progress=True, check_fingerprint=True):
-    """Compress `model_path` to the plan and write a portable HF directory. Returns (out_dir, model)."""
+          progress=True, check_fingerprint=True, cfg: ApplyConfig = ApplyConfig()):
+    """Compress `model_path` to the plan and write a portable HF directory (refitting on cfg.device, offloading
+    blocks with cfg.offload). Returns (out_dir, model)."""
     return apply_stage.apply(Checkpoint.open(model_path), _plan(plan_path_or_plan), out_dir, calib_path, weights,
-                             select, progress, check_fingerprint)
+                             select, progress, check_fingerprint, cfg)
 
 
 def load(path, device="cpu"):
@@ -93,10 +95,10 @@ def recover(compressed_path, teacher_path, cfg: RecoverConfig = RecoverConfig(),
 
 
 def apply_recover(model_path, plan_path_or_plan, out, recover_cfg: RecoverConfig = RecoverConfig(),
-                  calib_path=None, weights=None, progress=True) -> RecoverReport:
+                  calib_path=None, weights=None, progress=True, apply_cfg: ApplyConfig = ApplyConfig()) -> RecoverReport:
     """`apply` then `recover` with `model_path` as the teacher (resumable like `recover`)."""
     return recover_stage.apply_recover(Checkpoint.open(model_path), _plan(plan_path_or_plan), out, recover_cfg,
-                                       calib_path, weights, progress)
+                                       calib_path, weights, progress, apply_cfg)
 
 
 def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfig(),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .config import PlanConfig, ProfileConfig, RecoverConfig, RunConfig, VerifyConfig
+from .config import ApplyConfig, PlanConfig, ProfileConfig, RecoverConfig, RunConfig, VerifyConfig
 from .errors import PlannerError, os_error_message
 
 _model_arg = click.argument("model", type=click.Path(path_type=Path))
@@ -222,6 +222,7 @@ def plan(model, profile_path, out, as_json, quiet, **kw):
 @click.option("--weights", type=click.Choice(["sequential", "obs", "none"]), default=None,
               help="how kept weights are fitted (default: as planned)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@config_options("apply", ApplyConfig)
 @click.option("--recover", "recover_", is_flag=True, help="then distil it from MODEL (see `planner recover`)")
 @config_options("apply", RecoverConfig, prefix="recover-")
 def apply(model, plan_path, out, calib, weights, quiet, recover_, **kw):
@@ -230,18 +231,22 @@ def apply(model, plan_path, out, calib, weights, quiet, recover_, **kw):
     With --recover, the result is then distilled from MODEL before it is written (resumable like `recover`).
 
     Example: planner apply ./my-bert run/plan-2x.json --out my-bert-2x/ [--recover --recover-minutes 10]
+
+    Large models on a GPU: planner apply ./my-llm plan-2x.json --out my-llm-2x/ --device cuda --offload
     """
     from . import api
     from .adapters.checkpoint import n_params
     from .reporting.tables import recover_summary
+    acfg = config_from(ApplyConfig, kw)
     rcfg = config_from(RecoverConfig, kw, prefix="recover-")
     load = f"load with AutoModel.from_pretrained('{out}', trust_remote_code=True) or planner.load('{out}')"
     if recover_:
-        rep = api.apply_recover(model, plan_path, out, rcfg, calib_path=calib, weights=weights, progress=not quiet)
+        rep = api.apply_recover(model, plan_path, out, rcfg, calib_path=calib, weights=weights, progress=not quiet,
+                                apply_cfg=acfg)
         click.echo(recover_summary(rep))
         click.echo(load)
         return
-    path, m = api.apply(model, plan_path, out, calib_path=calib, weights=weights, progress=not quiet)
+    path, m = api.apply(model, plan_path, out, calib_path=calib, weights=weights, progress=not quiet, cfg=acfg)
     click.echo(f"{path}: {n_params(m)/1e6:.1f}M parameters; {load}")
 
 

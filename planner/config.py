@@ -162,6 +162,18 @@ class DatabaseConfig(_Config):
 
 
 @dataclass(frozen=True)
+class ApplyConfig(_Config):
+    """Where `apply` fits the kept weights (the sequential refit runs a dense and a compressed copy of each block
+    on the calibration text: on a GPU that is where the time goes)."""
+    device: str = opt("cpu", "where the weights are refitted and the model is shrunk", choices=DEVICES)
+    offload: bool = opt(False, "keep the model in CPU memory and move one block at a time to --device while it is "
+                        "refitted (large models)")
+
+    def __post_init__(self):
+        _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
+
+
+@dataclass(frozen=True)
 class VerifyConfig(_Config):
     batch_size: int = opt(8, "sequences per timed call", short="-b")
     seq_len: int = opt(128, "prompt length (prefill) or KV-cache length (decode)", short="-s")
@@ -280,6 +292,11 @@ class RunConfig(_Config):
             return None
         return self.recover.replace(minutes=self.recover_minutes, steps=None, threads=self.profile.threads,
                                     device=self.profile.device)
+
+    @property
+    def apply_config(self) -> ApplyConfig:
+        """apply on the profile's device, offloading as the plan does."""
+        return ApplyConfig(device=self.profile.device, offload=self.plan.offload)
 
     @property
     def plan_config(self) -> PlanConfig:

@@ -11,6 +11,8 @@ import sys
 import torch
 import transformers
 
+from .errors import PlannerError
+
 
 def cpu_name() -> str:
     try:
@@ -37,6 +39,13 @@ def fast_bf16(device: str = "cpu") -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """Refuse a device this machine does not have, in one line, before any work (a CUDA call on a CPU-only
+    build fails deep inside torch with "Torch not compiled with CUDA enabled")."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise PlannerError(f"{flag} {device} asked for, but CUDA is not available here; use {flag} cpu")
 
 
 def set_threads(threads: int | None) -> int:
@@ -104,7 +113,11 @@ def describe(device: str = "cpu", threads: int | None = None) -> dict:
     """{device, name, key, threads, torch, transformers, python}; `key` names the profile directory: the device
     and, on CPU, the thread count (`threads`, default the current one), which latency depends on."""
     threads = threads or torch.get_num_threads()
-    if device == "cuda":
+    if device == "cuda" and not torch.cuda.is_available():
+        # a CUDA profile read on a machine without CUDA: no GPU here to compare it with (check_profile then asks
+        # for --allow-other-machine, plan's closed loop stays open)
+        name, key = "no CUDA device", "no-cuda"
+    elif device == "cuda":
         name = torch.cuda.get_device_name()
         key = slug(name)
     else:

@@ -9,10 +9,10 @@ import pytest
 
 from planner import cli
 from planner.cli import COMMAND_CONFIGS, main
-from planner.config import PlanConfig, ProfileConfig, RecoverConfig, VerifyConfig
+from planner.config import ApplyConfig, PlanConfig, ProfileConfig, RecoverConfig, VerifyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = (ProfileConfig, PlanConfig, VerifyConfig, RecoverConfig)
+CONFIGS = (ProfileConfig, PlanConfig, VerifyConfig, RecoverConfig, ApplyConfig)
 
 
 def _options(cmd: click.Command) -> dict[str, click.Option]:

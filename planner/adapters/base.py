@@ -41,7 +41,7 @@ def already_removed(removed: bool, kept, kind: str) -> bool:
 
 def unit_indices(kept: torch.Tensor, width: int) -> torch.Tensor:
     """Column (or row) indices of the kept units, each `width` adjacent indices: (len(kept)*width,)."""
-    return (kept[:, None] * width + torch.arange(width)).reshape(-1)
+    return (kept[:, None] * width + torch.arange(width, device=kept.device)).reshape(-1)   # on kept's device
 
 
 def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

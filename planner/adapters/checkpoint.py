@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .. import io
+from .. import hardware, io
 from ..errors import PlannerError
 from ..types import ArchShape
 from . import get_adapter
@@ -122,7 +122,9 @@ class Checkpoint:
 
     def load(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
         """A fresh copy of the model in eval mode, brought into the form the algorithms expect
-        (`adapter.prepare_`). Compressed checkpoints load through the planner's copy of their code."""
+        (`adapter.prepare_`). Compressed checkpoints load through the planner's copy of their code. The weights
+        are read on the host, then moved to `device`."""
+        hardware.check_device(device)
         if not any(p.suffix in WEIGHT_SUFFIXES for p in self.path.iterdir()):
             raise PlannerError(f"{self.path} has no weight files (*.safetensors or *.bin)")
         arch = (self.config.get("architectures") or ["AutoModel"])[0]

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import io
+from .. import hardware, io
 from ..adapters.checkpoint import Checkpoint
-from ..config import PlanConfig, RecoverConfig, VerifyConfig
+from ..config import ApplyConfig, PlanConfig, RecoverConfig, VerifyConfig
 from ..errors import PlannerError
 from ..reporting.tables import QUALITY, format_family, format_plan_table, held_back
 from ..stages import apply as apply_stage
 from ..stages import plan as plan_stage
 from ..stages import recover as recover_stage
 from ..stages import verify as verify_stage
-from ..stages.profile import check_profile
+from ..stages.profile import DTYPES, check_profile
 from ..types import LatencyProfile, Plan, VerifyReport
 
 if TYPE_CHECKING:
@@ -63,13 +63,17 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
         raise PlannerError("gradual compression shrinks the model step by step; --sparse-only is for one-shot "
                            "`planner plan` / `planner run`")
     out = io.check_out_dir(out_dir)
+    hardware.check_device(plan_cfg.device)
+    if recover_cfg is not None:
+        hardware.check_device(recover_cfg.device, "--recover-device")
     dense_ck = Checkpoint.open(model_path)
     prof = LatencyProfile.load(profile_path)
     check_profile(prof, dense_ck.shape, prof.hardware.get("device", "cpu"), plan_cfg.allow_other_machine)
     targets = sorted(set(plan_cfg.targets))
     plan_stage.check_reachable(prof, targets)
     vc = verify_cfg or VerifyConfig(batch_size=prof.batch_size, seq_len=prof.seq_len,
-                                    threads=prof.hardware.get("threads"), mode=prof.mode)
+                                    threads=prof.hardware.get("threads"), mode=prof.mode,
+                                    device=prof.hardware.get("device", "cpu"))     # as the CLI does
     dense = None                                   # loaded once, when the first member is verified
     current, rows, plans = dense_ck, [], []
     for k, t in enumerate(targets, 1):
@@ -89,7 +93,8 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
         _log(f"      plan: predicted {p.predicted_speedup:.2f}x, kept heads/ffn per layer {kept}", progress)
         oneshot = out / "models" / f"oneshot-{tag}"
         if not (oneshot / "config.json").exists():
-            apply_stage.apply(current, p, oneshot, progress=progress)
+            apply_stage.apply(current, p, oneshot, progress=progress,     # where the database was built
+                              cfg=ApplyConfig(device=plan_cfg.device, offload=plan_cfg.offload))
         member = out / "models" / f"gradual-{tag}"
         rec = None
         if recover_cfg is None:
@@ -105,7 +110,7 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
             if rpath.exists():
                 reps[name] = VerifyReport.load(rpath)
             elif name == "gradual" or recover_cfg is not None:
-                dense = dense if dense is not None else dense_ck.load(vc.device)
+                dense = dense if dense is not None else dense_ck.load(vc.device, DTYPES[prof.dtype])
                 reps[name] = verify_stage.verify(dense_ck, Checkpoint.open(mdir), vc, prof, out=rpath,
                                                  dense_model=dense, progress=progress)
         v = reps["gradual"]

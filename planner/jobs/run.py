@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import io
+from .. import hardware, io
 from ..adapters.checkpoint import Checkpoint
 from ..config import RunConfig
 from ..errors import PlannerError
@@ -21,6 +21,7 @@ from ..stages import plan as plan_stage
 from ..stages import profile as profile_stage
 from ..stages import recover as recover_stage
 from ..stages import verify as verify_stage
+from ..stages.profile import DTYPES
 from ..types import LatencyProfile, Plan, VerifyReport
 
 if TYPE_CHECKING:
@@ -68,14 +69,15 @@ def _verified(ck: Checkpoint, mdir: Path, rpath: Path, cfg: RunConfig, prof: Lat
     dense: [the dense model or None], loaded by the first call that needs it and kept for the others."""
     if rpath.exists():
         return VerifyReport.load(rpath)
-    if dense[0] is None:
-        dense[0] = ck.load(cfg.profile.device)
+    if dense[0] is None:                        # in the profile's device and dtype, as verify times it
+        dense[0] = ck.load(cfg.profile.device, DTYPES[prof.dtype])
     return verify_stage.verify(ck, Checkpoint.open(mdir), cfg.verify_config, prof, out=rpath, dense_model=dense[0],
                                progress=progress)
 
 
 def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) -> "pd.DataFrame":
     out = io.check_out_dir(out_dir)
+    hardware.check_device(cfg.profile.device)       # before the run directory fills with a half-made job
     out.mkdir(parents=True, exist_ok=True)
     progress = not quiet
     ck = Checkpoint.open(model_path)
@@ -106,7 +108,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         if (mdir / "config.json").exists():
             _log(f"      {mdir.name}: reusing", quiet)
             continue
-        apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress)
+        apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress, cfg=cfg.apply_config)
         _log(f"      {mdir.name}: written", quiet)
 
     _log(f"[4/4] verify: interleaved timing ({pc.mode}) and held-out quality", quiet)
@@ -122,7 +124,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             p = plan_stage.replan(ck, prof, p, cfg.plan_config, rep.measured_speedup, progress,
                                   measured_interval=rep.interval)
             p.save(out / "plans" / plan_stage.plan_name(p))
-            apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress)
+            apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress, cfg=cfg.apply_config)
             rpath.unlink()                          # the model changed: measure it again
             rep = _verified(ck, mdir, rpath, cfg, prof, dense, progress)
         rows.append(result_row(p, rep))

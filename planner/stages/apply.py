@@ -11,15 +11,16 @@ Kept structures come from the database's OBS removal order, or by weight magnitu
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from .. import io
+from .. import hardware, io
 from ..adapters.base import unit_indices
 from ..adapters.checkpoint import Checkpoint, is_planner_model, save_portable
 from ..algorithms import obs
-from ..config import PlanConfig
+from ..config import ApplyConfig, PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import KINDS, Plan
@@ -53,41 +54,92 @@ def _check_plan(model, adapter, plan: Plan):
                                f"wrong model for this plan")
 
 
+@contextmanager
+def _visiting(block, dev: torch.device, home: torch.device):
+    """`block` on `dev` for the duration, then back `home` (offloading: the model lives in host memory and only
+    the block being fitted is on the accelerator). home == dev: a no-op move."""
+    block.to(dev)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
+@contextmanager
+def _outside_blocks_on(model, blocks, dev: torch.device):
+    """Every parameter and buffer of `model` outside its blocks (embeddings, rotary tables, final norm, head) on
+    `dev` for the duration: what the forward up to the first block runs, so the captured block inputs are made
+    and kept on `dev`. Parameters move in place (param.data), so a tied LM head moves with its embedding and stays
+    tied; each goes back to where it was."""
+    inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
+    params, buffers, seen = [], [], set()
+    for mod in model.modules():
+        for name, t in (*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)):
+            if t is None or id(t) in inside or id(t) in seen or t.device == dev:
+                continue
+            seen.add(id(t))
+            if isinstance(t, torch.nn.Parameter):
+                params.append((t, t.device))
+                t.data = t.data.to(dev)
+            else:
+                buffers.append((mod, name, t))
+                setattr(mod, name, t.to(dev))
+    try:
+        yield
+    finally:
+        for p, where in params:
+            p.data = p.data.to(where)
+        for mod, name, t in buffers:
+            setattr(mod, name, t)
+
+
 @torch.no_grad()
 def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequential", db: Database | None = None,
-           batches: list[dict] | None = None, damp: float = 0.01, progress: bool = True):
-    """Shrink `model` in place to `plan`. Returns the model."""
+           batches: list[dict] | None = None, damp: float = 0.01, progress: bool = True, device=None,
+           offload: bool = False):
+    """Shrink `model` in place to `plan`. Returns the model.
+    device: where the fits run (default: the model's). Without `offload` the model moves there; with it the model
+    stays where it is (host memory) and each block visits `device` only while it is fitted (plus the layers
+    before the first block while the calibration inputs are captured)."""
     _check_plan(model, adapter, plan)
     blocks = adapter.layers(model)
+    home = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else home
+    if not offload and dev != home:
+        model.to(dev)
+        home = dev
     if weights != "sequential":
         for i in progress_bar(range(len(blocks)), desc="apply", progress=progress, unit="block"):
-            for kind in KINDS:
-                def fit(lin, cols, i=i, kind=kind):
-                    if weights != "obs":
-                        return None
-                    H = db.tensors(i)[f"{kind}.H"].double()
-                    return obs.reconstruct(lin.weight.detach().double(), H, cols, damp)
-                _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
-                _sparsify(adapter, blocks[i], i, kind, plan.layers[i], db, damp)
+            with _visiting(blocks[i], dev, home) if offload else nullcontext():
+                for kind in KINDS:
+                    def fit(lin, cols, i=i, kind=kind):
+                        if weights != "obs":
+                            return None
+                        H = db.tensors(i)[f"{kind}.H"].to(lin.weight.device, torch.float64)   # (d_in, d_in)
+                        return obs.reconstruct(lin.weight.detach().double(), H, cols, damp)
+                    _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
+                    _sparsify(adapter, blocks[i], i, kind, plan.layers[i], db, damp)
         return model
     if not batches:
         raise PlannerError("sequential apply needs calibration text")
     # Memory: beyond the model, one dense block copy and the calibration activations twice (dense and compressed
-    # paths, each n_tokens x d): a dense copy of the whole model is never made, so large models fit.
-    dev = next(model.parameters()).device
-    d_in = capture_block_inputs(model, blocks, batches, dev, adapter.forward_kwargs())   # still dense here
+    # paths, each n_tokens x d), all on `dev`: a dense copy of the whole model is never made, so large models fit;
+    # offloading, the device holds the activations and the one block being fitted (with its dense copy).
+    with _outside_blocks_on(model, blocks, dev) if offload else nullcontext():
+        d_in = capture_block_inputs(model, blocks, batches, dev, adapter.forward_kwargs())   # still dense here
     c_in = BlockInputs(list(d_in.hidden), d_in.args, d_in.kwargs, d_in.masks)
     for i in progress_bar(range(len(blocks)), desc="apply (sequential)", progress=progress, unit="block"):
-        cblock = blocks[i]
-        dblock = copy.deepcopy(cblock)                     # block i before it is shrunk: the dense reference
-        for kind in KINDS:
-            def fit(lin, cols, kind=kind):
-                H_hat, C = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in, c_in)
-                return obs.reconstruct_cross(lin.weight.detach().double(), H_hat, C, cols, damp)
-            _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
-            _sparsify(adapter, cblock, i, kind, plan.layers[i], db, damp)
-        d_in = d_in.with_hidden(run_block(dblock, d_in))
-        c_in = c_in.with_hidden(run_block(cblock, c_in))
+        with _visiting(blocks[i], dev, home) if offload else nullcontext(blocks[i]) as cblock:
+            dblock = copy.deepcopy(cblock)                 # block i before it is shrunk: the dense reference, on dev
+            for kind in KINDS:
+                def fit(lin, cols, kind=kind):
+                    H_hat, C = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in, c_in)
+                    return obs.reconstruct_cross(lin.weight.detach().double(), H_hat, C, cols, damp)
+                _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
+                _sparsify(adapter, cblock, i, kind, plan.layers[i], db, damp)
+            d_in = d_in.with_hidden(run_block(dblock, d_in))
+            c_in = c_in.with_hidden(run_block(cblock, c_in))
+            dblock = None                                  # freed before the next block's copy is made
     return model
 
 
@@ -144,10 +196,12 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
 
 
 def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None = None, select: str = "obs",
-          progress: bool = True, check_fingerprint: bool = True):
-    """Compress checkpoint `ck` to plan `p` and write a portable HF directory. Returns (out_dir, model).
+          progress: bool = True, check_fingerprint: bool = True, cfg: ApplyConfig = ApplyConfig()):
+    """Compress checkpoint `ck` to plan `p` and write a portable HF directory. Returns (out_dir, model), the model
+    on cfg.device (offloading: in host memory).
     weights: "sequential" / "obs" / "none" (default: as planned); select: "obs" (the database's removal order)
     or "magnitude" (the baseline)."""
+    hardware.check_device(cfg.device)
     io.check_out_dir(out_dir, replaceable=is_planner_model, protect=(ck.path,))
     if check_fingerprint and p.model.get("fingerprint") and p.model["fingerprint"] != ck.fingerprint:
         raise PlannerError(f"the plan was made for another checkpoint ({p.model.get('path')}); plan this model first")
@@ -163,9 +217,9 @@ def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None
     if weights == "sequential":                 # refit on the plan's own calibration text and settings
         batches, _ = calibration_batches(ck, calib_path or o.get("calib_path"), o.get("n_calib", d.n_calib),
                                          o.get("calib_max_len", d.calib_max_len), o.get("calib_batch", d.calib_batch))
-    model = ck.load()
+    model = ck.load("cpu" if cfg.offload else cfg.device)
     apply_(model, ck.adapter, p, select=select, weights=weights, db=db, batches=batches,
-           damp=o.get("damp", d.damp), progress=progress)
+           damp=o.get("damp", d.damp), progress=progress, device=cfg.device, offload=cfg.offload)
     record = {"method": p.method, "target_speedup": p.target_speedup, "predicted_speedup": p.predicted_speedup,
               "weights": weights, "select": select, "profile": {k: p.profile.get(k) for k in
               ("batch_size", "seq_len", "dtype", "mode", "decode_steps")} | {"hardware": p.profile.get("hardware", {}).get("key")},

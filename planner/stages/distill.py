@@ -367,6 +367,8 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:      # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
         step, total, history, best = state["step"], state["total"], state["history"], state["best"]
         clock, stop, bad = _Clock(state["elapsed"]), state.get("stop"), state["bad_evals"]
     else:
@@ -452,7 +454,8 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
                 _save_checkpoint(ckpt_dir, {
                     "version": CKPT_VERSION, "identity": identity, "step": step, "total": total,
                     "elapsed": clock.elapsed, "student": student.state_dict(), "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state(), "history": history, "best": best, "bad_evals": bad, "stop": stop})
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None, "history": history, "best": best, "bad_evals": bad, "stop": stop})
                 clock.start()
     finally:
         clock.stop()

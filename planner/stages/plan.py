@@ -163,6 +163,7 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
     the uniform magnitude baseline per target (out_dir/plan-magnitude-uniform-<t>x.json, after the planner's
     plans in the list), through the same closed loop, timed in the same interleaved runs."""
     out_dir = io.check_out_dir(out_dir)
+    hardware.check_device(cfg.device)
     check_profile(prof, ck.shape, prof.hardware.get("device", "cpu"), cfg.allow_other_machine)
     ck.check_positions(cfg.calib_max_len, f"--calib-max-len {cfg.calib_max_len}")
     if not cfg.structured and not prof.sparse:
@@ -196,7 +197,8 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
     plans = closed_loop(ck, prof, plans, cfg, again, progress, timer=timer)
     if cfg.search:
         train, held = split_batches(batches, cfg.val_fraction)
-        loss_of = search_stage.DeployLoss(model, ck.adapter, db, cfg.damp, search_stage.split_for_search(train, held))
+        loss_of = search_stage.DeployLoss(model, ck.adapter, db, cfg.damp, search_stage.split_for_search(train, held),
+                                          device=cfg.device, offload=cfg.offload)
         plans = [_search(p, prof, db, cfg, loss_of, timer, out_dir, progress, info, profile_path, calib)
                  if p.method == "planner" else p for p in plans]
     del model

@@ -81,8 +81,10 @@ def _variant(model, adapter, layers: list[dict]):
                 adapter.shrink_(layer, k, torch.arange(spec[key]), None, v.config)
         for k, level in (spec.get("sparse") or {}).items():
             if spec["kernel"] == "csr":                 # the portable layer a saved sparse plan loads into
-                ws = [getattr(p, n).weight * sparse.random_mask(getattr(p, n).weight.shape, level, gen)
-                      for p, n in adapter.linear_slots(layer, k)]
+                ws = []
+                for p, n in adapter.linear_slots(layer, k):
+                    w = getattr(p, n).weight                     # (out, in); the mask comes from a CPU generator
+                    ws.append(w * sparse.random_mask(w.shape, level, gen).to(w.device))
                 adapter.sparsify_(layer, k, level, ws)
             else:
                 for parent, name in adapter.linear_slots(layer, k):
@@ -100,8 +102,7 @@ def _uniform(shape, kind: str, width: int) -> list[dict]:
 def profile(ck, cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> LatencyProfile:
     """Time the dense model and every prunable module at every kept width on this machine (module docstring);
     the thread count is set for the call and restored after it."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise PlannerError("--device cuda asked for, but CUDA is not available here; use --device cpu")
+    hardware.check_device(cfg.device)
     hardware.steady_allocator()                      # before the models are built: all of it under one allocator
     with hardware.threads(cfg.threads):
         prof = _profile(Checkpoint.open(ck), cfg, progress)

@@ -18,7 +18,7 @@ import torch
 
 from .. import data, hardware, io
 from ..adapters.checkpoint import Checkpoint, check_pair, is_planner_model, save_portable
-from ..config import RecoverConfig
+from ..config import ApplyConfig, RecoverConfig
 from ..errors import PlannerError
 from ..types import Plan, RecoverReport
 from .apply import apply
@@ -90,6 +90,7 @@ def recover(student_ck: Checkpoint, teacher_ck: Checkpoint, cfg: RecoverConfig =
     is set for the call and restored after it.
     """
     t_start = time.perf_counter()
+    hardware.check_device(cfg.device)
     if out is None:
         raise PlannerError("give an output directory (--out)")
     out = Path(out)
@@ -163,10 +164,12 @@ def _recover(student_ck, teacher_ck, cfg, out, progress, callback, t_start):
 
 
 def apply_recover(ck: Checkpoint, p: Plan, out, recover_cfg: RecoverConfig = RecoverConfig(), calib_path=None,
-                  weights=None, progress: bool = True) -> RecoverReport:
+                  weights=None, progress: bool = True, apply_cfg: ApplyConfig = ApplyConfig()) -> RecoverReport:
     """`apply` then `recover` with `ck` as the teacher: the one-shot model is kept in `<out>.ckpt/oneshot` while
     recovery runs (resumable like `recover`) and removed with the checkpoint at the end."""
     out = Path(out)
+    hardware.check_device(apply_cfg.device)
+    hardware.check_device(recover_cfg.device, "--recover-device")
     io.check_out_dir(out, replaceable=is_planner_model, protect=(ck.path,))
     oneshot = out.with_name(out.name + ".ckpt") / "oneshot"
     if (out / "recover.json").exists() and not oneshot.exists():     # finished before (the one-shot is gone)
@@ -178,5 +181,5 @@ def apply_recover(ck: Checkpoint, p: Plan, out, recover_cfg: RecoverConfig = Rec
                 done.identity.get("teacher") == ck.fingerprint:
             return done
     if not (oneshot / "config.json").exists():
-        apply(ck, p, oneshot, calib_path=calib_path, weights=weights, progress=progress)
+        apply(ck, p, oneshot, calib_path=calib_path, weights=weights, progress=progress, cfg=apply_cfg)
     return recover(Checkpoint.open(oneshot), ck, recover_cfg, out=out, progress=progress)

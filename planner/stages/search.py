@@ -46,9 +46,13 @@ class DeployLoss:
     """plan, fidelity -> loss of the model `apply` deploys for the plan against the dense model (module
     docstring). The dense model's outputs on the scored batches are computed once."""
 
-    def __init__(self, dense, adapter, db, damp: float, data: list[tuple[list[dict], list[dict]]]):
+    def __init__(self, dense, adapter, db, damp: float, data: list[tuple[list[dict], list[dict]]], device=None,
+                 offload: bool = False):
+        """device, offload: where each candidate's sequential refit runs (apply_'s; default: the dense model's
+        device). The scoring forwards run where the dense model is."""
         self.dense, self.adapter, self.db, self.damp, self.data = dense, adapter, db, damp, data
         self.dev = next(dense.parameters()).device
+        self.fit_device, self.offload = device or self.dev, offload
         self.ref = [[self._outputs(dense, b) for b in held] for _, held in data]
 
     @torch.no_grad()
@@ -66,7 +70,7 @@ class DeployLoss:
         fit, held = self.data[fidelity]
         m = copy.deepcopy(self.dense)
         apply_(m, self.adapter, plan, select="obs", weights="sequential", db=self.db, batches=fit, damp=self.damp,
-               progress=False)
+               progress=False, device=self.fit_device, offload=self.offload)
         with torch.no_grad():
             losses = [self.loss_of(self._outputs(m, b), t) for b, t in zip(held, self.ref[fidelity])]
         return sum(losses) / len(losses)

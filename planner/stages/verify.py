@@ -27,7 +27,7 @@ from ..errors import PlannerError, warn
 from ..progress import bar as progress_bar
 from ..timing import abba, median, ratio_of, spread, warm_up
 from ..types import LatencyProfile, VerifyReport
-from .profile import check_profile
+from .profile import DTYPES, check_profile
 from .regimes import latency_call
 
 
@@ -88,7 +88,8 @@ def lm_quality(dense, comp, tokenizer, texts, window: int = 128, batch_size: int
 @torch.no_grad()
 def embeddings(model, adapter, tokenizer, texts, batch_size=32, max_len=128, device="cpu", progress: bool = False,
                desc: str = "embeddings") -> torch.Tensor:
-    out = torch.empty(len(texts), model.config.hidden_size)
+    out = torch.empty(len(texts), model.config.hidden_size, device="cpu")    # (N, d) gathered on the host: numpy
+                                                                             # and scipy score them
     batches = make_batches(tokenizer, texts, batch_size, max_len, model.config.vocab_size)
     for b in progress_bar(batches, desc=desc, unit="batch", progress=progress):
         e = adapter.embed(model, b["input_ids"].to(device), b["attention_mask"].to(device))
@@ -121,6 +122,7 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
     pairing and limit is checked before a model is loaded; the thread count is restored afterwards."""
     if out:
         io.check_out_file(out)
+    hardware.check_device(cfg.device)
     check_pair(comp_ck, dense_ck, "pass the dense model it was made from first, then the compressed one")
     rec = comp_ck.record
     mode = cfg.mode or (prof.mode if prof else None) or rec.get("profile", {}).get("mode") or "prefill"
@@ -143,13 +145,17 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
     sets = {name: data.sample(data.read_lines(path, what="held-out text file"), cfg.n_text, seed=1)
             for name, path in data.heldout_sets(cfg.text_path).items()}
     _warn_far_from_calibration(comp_ck, sets)
+    # both models in the dtype the latency was profiled in (the profile's, else the one the plan recorded): a
+    # bfloat16 profile predicts bfloat16 speed
+    dtype = (prof.dtype if prof is not None else rec.get("profile", {}).get("dtype")) or "float32"
     with hardware.threads(cfg.threads):
-        dense = dense_model if dense_model is not None else dense_ck.load(cfg.device)
-        comp, adapter = comp_ck.load(cfg.device), comp_ck.adapter
+        dense = dense_model if _is_on(dense_model, cfg.device, DTYPES[dtype]) else dense_ck.load(cfg.device,
+                                                                                               DTYPES[dtype])
+        comp, adapter = comp_ck.load(cfg.device, DTYPES[dtype]), comp_ck.adapter
         sp = measure_speedup(dense, comp, adapter, cfg.batch_size, cfg.seq_len, cfg.reps, cfg.warmup, cfg.device,
                              progress=progress, mode=mode, decode_steps=steps, max_reps=cfg.max_reps,
                              halfwidth=cfg.halfwidth)
-        cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device) | {"mode": mode}
+        cond = conditions(cfg.batch_size, cfg.seq_len, cfg.reps, cfg.device) | {"mode": mode, "dtype": dtype}
         q = quality_on_sets(dense, comp, adapter, comp_ck, sets, cfg, progress)
     if mode == "decode":
         cond["decode_steps"] = steps
@@ -173,6 +179,12 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
     if out:
         rep.save(out)
     return rep
+
+
+def _is_on(model, device: str, dtype: torch.dtype) -> bool:
+    """Whether `model` (None: no model) is already on `device` ("cuda": any GPU) in floating-point `dtype`."""
+    p = next(model.parameters(), None) if model is not None else None
+    return p is not None and p.device.type == torch.device(device).type and p.dtype == dtype
 
 
 # below this share of its tokens seen in the calibration text, a held-out text is far from it. Measured with
