@@ -156,9 +156,16 @@ class DatabaseConfig(_Config):
     val_fraction: float = PlanConfig.__dataclass_fields__["val_fraction"].default
     device: str = "cpu"
     offload: bool = False      # the model stays in CPU memory; each block visits `device` only while processed
+    # greedy OBS pass and held-out scoring; float32 measured against float64 in tests/test_obs.py (the loss
+    # curve within 1e-4, the same removal order on a 2048 x 5632 FFN); the damped inverse is float64 always
+    precision: str = "float32"
+    # FFN neurons removed per greedy step while many remain (obs.group_obs per_step): 16 cut the 0.85 B shape's
+    # FFN pass 2x, its loss curve within 0.1% of one-at-a-time (benchmarks/bench_scale.py, docs/results.md)
+    per_step: int = 16
 
-    def to_dict(self):
-        return {"damp": self.damp, "val_fraction": self.val_fraction}     # what the database's identity holds
+    def to_dict(self):                  # what the database's identity holds
+        return {"damp": self.damp, "val_fraction": self.val_fraction, "precision": self.precision,
+                "per_step": self.per_step}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import torch
 
 from planner import data
 from planner.adapters.checkpoint import load_model
+from planner.errors import PlannerError
 from planner.stages.calibration import block_call, capture_block_inputs, real_tokens, to_device
 from planner.stages.database import DatabaseConfig, build
 
@@ -73,3 +74,14 @@ def test_token_windows_join_texts_with_eos_and_drop_the_tail():
     assert all(bool(b["attention_mask"].all()) for b in batches)
     with pytest.raises(Exception, match="fewer than one window"):
         data.token_windows(_Tok(), ["a"], 8)
+
+
+def test_packed_hessians_round_trip():
+    from planner.stages.database import pack_sym, unpack_sym
+    X = torch.randn(40, 7, dtype=torch.float64)
+    H = X.T @ X
+    p = pack_sym(H)
+    assert p.shape == (7 * 8 // 2,)
+    assert torch.equal(unpack_sym(p), H.triu() + H.triu(1).T) and torch.allclose(unpack_sym(p), H)
+    with pytest.raises(PlannerError, match="not a triangle"):
+        unpack_sym(torch.zeros(11))

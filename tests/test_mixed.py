@@ -55,7 +55,14 @@ def test_database_scores_sparse_levels(mixed_run):
             e = db.sparse_errors(l, kind)
             assert set(e) == {0.5, 0.9} and 0 < e[0.5] < e[0.9]      # more sparsity, more error
             n = 4 if kind == "attn" else 2
-            assert [tuple(H.shape) for H in db.slot_hessians(l, kind, n)][-1] == tuple(db.tensors(l)[f"{kind}.H"].shape)
+            Hs = db.slot_hessians(l, kind, n)
+            assert torch.equal(Hs[-1], db.hessian(l, kind)) and db.tensors(l)[f"{kind}.H"].ndim == 1   # packed
+            if kind == "attn":
+                # q, k and v read one tensor: one Hessian stored for the three, and it is their input's
+                assert db.entry(l, kind)["slot_alias"] == {"1": 0, "2": 0}
+                assert {k for k in db.tensors(l) if k.startswith("attn.H_slot")} == {"attn.H_slot0"}
+                assert torch.equal(Hs[0], Hs[1]) and torch.equal(Hs[0], Hs[2])
+                assert torch.allclose(Hs[0], Hs[0].T) and float(torch.linalg.eigvalsh(Hs[0]).min()) > -1e-6
 
 
 def test_dp_over_mixed_options_is_exact(mixed_run):

@@ -32,6 +32,8 @@ This module knows nothing about models.
 
 from __future__ import annotations
 
+import bisect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -47,10 +49,12 @@ __all__ = [
     "reconstruct_cross",
     "layer_error",
     "output_energy",
+    "ErrorMeter",
     "magnitude_order",
 ]
 
 _F64 = torch.float64
+_PER_STEP_SPAN = 256  # a multi-column step removes at most 1/256 of the columns still alive
 
 
 # --------------------------------------------------------------------------- Hessian
@@ -64,10 +68,13 @@ class HessianAccumulator:
     accumulator stays well scaled for any number of tokens.  float64 by default.
     """
 
-    def __init__(self, d_in: int, device="cpu", dtype=torch.float64):
+    def __init__(self, d_in: int, device="cpu", dtype=torch.float64, compute_dtype=None):
         self.d_in = int(d_in)
         self.device = torch.device(device)
         self.dtype = dtype
+        # the per-batch product x^T x may run in a lower precision than the running mean (float32: half the time
+        # of float64 on a CPU, and one batch's sum is short enough for it)
+        self.compute_dtype = compute_dtype or dtype
         self.n: int = 0  # tokens seen
         self._mean = torch.zeros(self.d_in, self.d_in, device=self.device, dtype=dtype)  # (d_in, d_in)
 
@@ -88,10 +95,13 @@ class HessianAccumulator:
         t = x.shape[0]
         if t == 0:
             return
-        x = x.detach().to(device=self.device, dtype=self.dtype)
+        x = x.detach().to(device=self.device, dtype=self.compute_dtype)
         n_new = self.n + t
         # mean <- mean * n/(n+t) + x^T x / (n+t)
-        self._mean.mul_(self.n / n_new).addmm_(x.T, x, alpha=1.0 / n_new)
+        if self.compute_dtype == self.dtype:
+            self._mean.mul_(self.n / n_new).addmm_(x.T, x, alpha=1.0 / n_new)
+        else:
+            self._mean.mul_(self.n / n_new).add_((x.T @ x).to(self.dtype), alpha=1.0 / n_new)
         self.n = n_new
 
     def hessian(self) -> Tensor:
@@ -163,6 +173,17 @@ def _as_f64(t: Tensor, device) -> Tensor:
     return t.detach().to(device=device, dtype=_F64)
 
 
+@contextmanager
+def _no_tf32():
+    """TF32 off inside (CUDA matmuls would otherwise round float32 inputs to 10 mantissa bits)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 # --------------------------------------------------------------------------- result
 
 
@@ -209,6 +230,7 @@ class GroupOBSResult:
 
 
 @torch.no_grad()
+@_no_tf32()
 def group_obs(
     W: Tensor,
     H: Tensor,
@@ -219,6 +241,8 @@ def group_obs(
     *,
     on_snapshot=None,
     block: int = 128,
+    dtype: torch.dtype = _F64,
+    per_step: int = 1,
     _force_general: bool = False,
 ) -> GroupOBSResult:
     """Greedy group OBS over all levels in one pass.
@@ -230,6 +254,13 @@ def group_obs(
     ``on_snapshot(n_kept, W_hat)``: if given, called at each snapshot level instead of keeping the
     snapshot (a large layer at many levels would not fit in memory: 176 levels of a 2048 x 5632 FFN are 16 GB).
     ``block``: number of columns of deferred updates between flushes (tuning knob).
+    ``dtype``: precision of the greedy pass. The damped inverse is always formed in float64 (it is the one
+    ill-conditioned step) and then rounded; float32 halves the memory traffic of the per-step matrix-vector
+    products that dominate on large layers (tests/test_obs.py measures what float32 changes: the loss curve
+    and the removal order against the float64 pass).
+    ``per_step``: with group_size 1, remove up to this many columns per greedy step while at least
+    ``per_step * 256`` remain (one column per step below that, where the choice matters most). Each step reads
+    the whole weight matrix once, so on a wide FFN this divides the dominant memory traffic; 1 = exact greedy.
     """
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D, got {tuple(W.shape)}")
@@ -248,10 +279,13 @@ def group_obs(
             raise ValueError(f"snapshot level {lv} outside [0, {n_groups}]")
     level_set = set(levels)
 
-    W0 = _as_f64(W, dev)  # (d_out, d_in)
-    Hd = dampen(_as_f64(H, dev), damp)  # (d_in, d_in)
-    hd_diag = torch.diagonal(Hd).clone().clamp_min(1e-300)  # (d_in,)
-    Hinv = _spd_inverse(Hd)  # (d_in, d_in)
+    dt = dtype
+    tiny = torch.finfo(dt).tiny
+    Hd = dampen(_as_f64(H, dev), damp)  # (d_in, d_in) float64
+    hd_diag = torch.diagonal(Hd).clone().clamp_min(tiny).to(dt)  # (d_in,)
+    Hinv = _spd_inverse(Hd).to(dt)  # (d_in, d_in)
+    del Hd
+    W0 = W.detach().to(device=dev, dtype=dt)  # (d_out, d_in)
 
     snapshots: dict[int, Tensor] = {}
 
@@ -264,7 +298,7 @@ def group_obs(
     if n_groups in level_set:
         _emit(n_groups, W0.clone())
 
-    errs = torch.zeros(n_groups, dtype=_F64, device=dev)  # (n_groups,)
+    errs = torch.zeros(n_groups, dtype=dt, device=dev)  # (n_groups,)
     order: list[int] = []
     cap = max(int(block), g)
     if cap % g:
@@ -280,8 +314,8 @@ def group_obs(
     def _init_state():
         k = Hb.shape[0]
         m = k // g
-        U = torch.zeros(k, cap, dtype=_F64, device=dev)  # (k, cap) deferred Hinv factors
-        ZT = torch.zeros(cap, d_out, dtype=_F64, device=dev)  # (cap, d_out) deferred W factors
+        U = torch.zeros(k, cap, dtype=dt, device=dev)  # (k, cap) deferred Hinv factors
+        ZT = torch.zeros(cap, d_out, dtype=dt, device=dev)  # (cap, d_out) deferred W factors
         alive = torch.ones(m, dtype=torch.bool, device=dev)  # (m,)
         fl = hd_diag[base_cols]  # (k,)
         if g == 1 and fast:
@@ -302,24 +336,35 @@ def group_obs(
         # W_t on the active columns, scattered to full size (d_out, d_in)
         Wt = torch.addmm(WT, U[:, :T], ZT[:T], alpha=-1.0)  # (k, d_out)
         colmask = alive.repeat_interleave(g) if g > 1 else alive  # (k,)
-        full = torch.zeros(d_out, d_in, dtype=_F64, device=dev)
+        full = torch.zeros(d_out, d_in, dtype=dt, device=dev)
         full[:, base_cols[colmask]] = Wt[colmask].T
         return full
 
     if fast:
         eye_g = None
     else:
-        eye_g = torch.eye(g, dtype=_F64, device=dev)
+        eye_g = torch.eye(g, dtype=dt, device=dev)
 
-    for i in range(n_groups):
+    below = sorted(level_set)  # snapshot levels, ascending: a multi-column step never jumps over one
+    i = 0  # groups removed so far
+    while i < n_groups:
+        n_alive = n_groups - i
+        # columns removed this step: one (exact greedy) unless asked for more on a wide layer, never past the
+        # next snapshot level
+        r = 1
+        if fast and per_step > 1:
+            j = bisect.bisect_left(below, n_alive) - 1
+            nxt = below[j] if j >= 0 else 0
+            r = max(1, min(per_step, n_alive // _PER_STEP_SPAN, n_alive - nxt, cap))
         # ---- flush deferred updates + compact when the block is full
-        if T + g > cap:
+        if T + r * g > cap:
             keep_g = alive.nonzero().squeeze(1)  # (m',)
             kc = (keep_g.unsqueeze(1) * g + torch.arange(g, device=dev)).reshape(-1)  # (k',)
             Uk = U.index_select(0, kc)[:, :T]  # (k', T)
             Hb = Hb.index_select(0, kc).index_select(1, kc)
+            # only rows of Hb and its diagonal are read, so the tiny asymmetry rounding leaves is harmless
+            # (symmetrising every flush cost 10% of a wide layer's time)
             Hb.addmm_(Uk, Uk.T, alpha=-1.0)
-            Hb = 0.5 * (Hb + Hb.T)
             WT = torch.addmm(WT.index_select(0, kc), Uk, ZT[:T], alpha=-1.0)
             kg = keep_g.tolist()
             base_groups = [base_groups[j] for j in kg]
@@ -328,7 +373,32 @@ def group_obs(
             T = 0
 
         m = alive.numel()
-        if fast:
+        if r > 1:
+            # ---------------- group_size == 1, r columns at once: the r best by their own score, removed as one
+            # OBS set step. A lower Cholesky factor of Hinv_t[Q,Q] orders the step: row j of its solves is
+            # column Q[j] removed after Q[:j], so the loss curve stays exact for this order.
+            scores = G / torch.maximum(D, floor)  # (k,)
+            scores.masked_fill_(~alive, float("inf"))
+            Q = torch.topk(scores, r, largest=False).indices  # (r,) ascending score
+            Uq = U.index_select(0, Q)[:, :T]  # (r, T)
+            hT = torch.addmm(Hb.index_select(0, Q), Uq, U[:, :T].T, alpha=-1.0)  # (r, k) = Hinv_t[Q, :]
+            wT = torch.addmm(WT.index_select(0, Q), Uq, ZT[:T], alpha=-1.0)  # (r, d_out) = W_t[:, Q]^T
+            Lq = _spd_chol(hT.index_select(1, Q), floor.index_select(0, Q).min())  # (r, r)
+            unT = torch.linalg.solve_triangular(Lq, hT, upper=False)  # (r, k)
+            znT = torch.linalg.solve_triangular(Lq, wT, upper=False)  # (r, d_out)
+            M = znT @ znT.T  # (r, r)
+            errs[i : i + r] = M.diagonal()
+            D.sub_((unT * unT).sum(0))
+            P = WT @ znT.T  # (k, r)
+            P.addmm_(U[:, :T], ZT[:T] @ znT.T, alpha=-1.0)  # = W_t^T Zn
+            unt = unT.T  # (k, r)
+            G.add_(((unt @ M) * unt).sum(1) - 2.0 * (unt * P).sum(1))
+            U[:, T : T + r] = unt
+            ZT[T : T + r] = znT
+            T += r
+            alive[Q] = False
+            order.extend(base_groups[q] for q in Q.tolist())
+        elif fast:
             # ---------------- group_size == 1: vector ops only
             scores = G / torch.maximum(D, floor)  # (k,)
             scores.masked_fill_(~alive, float("inf"))
@@ -376,17 +446,19 @@ def group_obs(
             ZT[T : T + g] = znT
             T += g
 
-        alive[p] = False
-        order.append(base_groups[p])
-        n_kept = n_groups - i - 1
+        if r == 1:
+            alive[p] = False
+            order.append(base_groups[p])
+        i += r
+        n_kept = n_groups - i
         if n_kept in level_set:
             if n_kept == 0:
-                _emit(0, torch.zeros(d_out, d_in, dtype=_F64, device=dev))
+                _emit(0, torch.zeros(d_out, d_in, dtype=dt, device=dev))
             else:
                 _emit(n_kept, _current_full())
 
     loss = torch.zeros(n_groups + 1, dtype=_F64)
-    loss[1:] = torch.cumsum(errs.cpu() * 0.5, 0)
+    loss[1:] = torch.cumsum(errs.cpu().double() * 0.5, 0)
     return GroupOBSResult(
         order=torch.tensor(order, dtype=torch.long),
         loss=loss,
@@ -469,6 +541,47 @@ def layer_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     dev = W.device
     dW = _as_f64(W, dev) - _as_f64(W_hat, dev)  # (d_out, d_in)
     return float(((dW @ _as_f64(H, dev)) * dW).sum() * 0.5)
+
+
+class ErrorMeter:
+    """Held-out output error ``mean ||(W - W_hat) x||^2`` of many candidate ``W_hat`` for one layer, cheaply.
+
+    The database scores every level of a layer against the same held-out inputs, so the fixed parts are
+    prepared once: with ``X`` (n, d_in) the held-out inputs and n <= d_in, the error is
+    ``||X W^T - X W_hat^T||^2 / n`` (cost d_out * d_in * n per level, against d_out * d_in^2 for the Hessian
+    form of :func:`layer_error`); with more tokens than inputs, the Hessian form. ``dtype`` float32 with TF32
+    off (tests/test_obs.py measures it against the float64 :func:`layer_error`).
+    """
+
+    def __init__(self, W: Tensor, X: Tensor | None = None, H: Tensor | None = None, dtype=torch.float32):
+        dev, self.dtype = W.device, dtype
+        self.W = W.detach().to(dtype)  # (d_out, d_in)
+        if X is not None and X.shape[0] <= X.shape[1]:
+            self.X = X.detach().to(device=dev, dtype=dtype)  # (n, d_in)
+            self.Y = self.X @ self.W.T  # (n, d_out) the dense layer's held-out outputs
+            self.H = None
+        else:
+            if H is None:
+                if X is None:
+                    raise ValueError("ErrorMeter needs the held-out inputs X or their Hessian H")
+                X64 = X.detach().to(device=dev, dtype=_F64)
+                H = 2.0 / X64.shape[0] * X64.T @ X64
+            self.H = H.detach().to(device=dev, dtype=dtype)  # (d_in, d_in)
+
+    @torch.no_grad()
+    def error(self, W_hat: Tensor) -> float:
+        """W_hat (d_out, d_in) full size (removed columns zero)."""
+        with _no_tf32():
+            W_hat = W_hat.to(device=self.W.device, dtype=self.dtype)
+            if self.H is None:
+                d = self.Y - self.X @ W_hat.T  # (n, d_out)
+                return float((d.double() ** 2).sum() / self.X.shape[0])
+            dW = self.W - W_hat
+            return float(((dW @ self.H) * dW).double().sum() * 0.5)
+
+    def energy(self) -> float:
+        """``mean ||W x||^2``: the layer's own held-out output energy."""
+        return self.error(torch.zeros_like(self.W))
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ Kept structures come from the database's OBS removal order, or by weight magnitu
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,7 +24,16 @@ from ..config import ApplyConfig, PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import KINDS, Plan
-from .calibration import BlockInputs, block_call, calibration_batches, capture_block_inputs, real_tokens, run_block
+from .calibration import (
+    BlockInputs,
+    block_call,
+    calibration_batches,
+    capture_block_inputs,
+    outside_blocks_on,
+    real_tokens,
+    run_block,
+    visiting,
+)
 from .database import Database, sparse_weights
 
 
@@ -54,45 +63,6 @@ def _check_plan(model, adapter, plan: Plan):
                                f"wrong model for this plan")
 
 
-@contextmanager
-def _visiting(block, dev: torch.device, home: torch.device):
-    """`block` on `dev` for the duration, then back `home` (offloading: the model lives in host memory and only
-    the block being fitted is on the accelerator). home == dev: a no-op move."""
-    block.to(dev)
-    try:
-        yield block
-    finally:
-        block.to(home)
-
-
-@contextmanager
-def _outside_blocks_on(model, blocks, dev: torch.device):
-    """Every parameter and buffer of `model` outside its blocks (embeddings, rotary tables, final norm, head) on
-    `dev` for the duration: what the forward up to the first block runs, so the captured block inputs are made
-    and kept on `dev`. Parameters move in place (param.data), so a tied LM head moves with its embedding and stays
-    tied; each goes back to where it was."""
-    inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
-    params, buffers, seen = [], [], set()
-    for mod in model.modules():
-        for name, t in (*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)):
-            if t is None or id(t) in inside or id(t) in seen or t.device == dev:
-                continue
-            seen.add(id(t))
-            if isinstance(t, torch.nn.Parameter):
-                params.append((t, t.device))
-                t.data = t.data.to(dev)
-            else:
-                buffers.append((mod, name, t))
-                setattr(mod, name, t.to(dev))
-    try:
-        yield
-    finally:
-        for p, where in params:
-            p.data = p.data.to(where)
-        for mod, name, t in buffers:
-            setattr(mod, name, t)
-
-
 @torch.no_grad()
 def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequential", db: Database | None = None,
            batches: list[dict] | None = None, damp: float = 0.01, progress: bool = True, device=None,
@@ -110,12 +80,12 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
         home = dev
     if weights != "sequential":
         for i in progress_bar(range(len(blocks)), desc="apply", progress=progress, unit="block"):
-            with _visiting(blocks[i], dev, home) if offload else nullcontext():
+            with visiting(blocks[i], dev, home) if offload else nullcontext():
                 for kind in KINDS:
                     def fit(lin, cols, i=i, kind=kind):
                         if weights != "obs":
                             return None
-                        H = db.tensors(i)[f"{kind}.H"].to(lin.weight.device, torch.float64)   # (d_in, d_in)
+                        H = db.hessian(i, kind).to(lin.weight.device)   # (d_in, d_in)
                         return obs.reconstruct(lin.weight.detach().double(), H, cols, damp)
                     _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
                     _sparsify(adapter, blocks[i], i, kind, plan.layers[i], db, damp)
@@ -125,11 +95,11 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
     # Memory: beyond the model, one dense block copy and the calibration activations twice (dense and compressed
     # paths, each n_tokens x d), all on `dev`: a dense copy of the whole model is never made, so large models fit;
     # offloading, the device holds the activations and the one block being fitted (with its dense copy).
-    with _outside_blocks_on(model, blocks, dev) if offload else nullcontext():
+    with outside_blocks_on(model, blocks, dev) if offload else nullcontext():
         d_in = capture_block_inputs(model, blocks, batches, dev, adapter.forward_kwargs())   # still dense here
     c_in = BlockInputs(list(d_in.hidden), d_in.args, d_in.kwargs, d_in.masks)
     for i in progress_bar(range(len(blocks)), desc="apply (sequential)", progress=progress, unit="block"):
-        with _visiting(blocks[i], dev, home) if offload else nullcontext(blocks[i]) as cblock:
+        with visiting(blocks[i], dev, home) if offload else nullcontext(blocks[i]) as cblock:
             dblock = copy.deepcopy(cblock)                 # block i before it is shrunk: the dense reference, on dev
             for kind in KINDS:
                 def fit(lin, cols, kind=kind):

@@ -129,3 +129,42 @@ def capture_inputs(modules: dict[str, nn.Module]):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def visiting(block, dev: torch.device, home: torch.device):
+    """`block` on `dev` for the duration, then back `home` (offloading: the model lives in host memory and only
+    the block being fitted is on the accelerator). home == dev: a no-op move."""
+    block.to(dev)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
+@contextmanager
+def outside_blocks_on(model, blocks, dev: torch.device):
+    """Every parameter and buffer of `model` outside its blocks (embeddings, rotary tables, final norm, head) on
+    `dev` for the duration: what the forward up to the first block runs, so the captured block inputs are made
+    and kept on `dev`. Parameters move in place (param.data), so a tied LM head moves with its embedding and stays
+    tied; each goes back to where it was."""
+    inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
+    params, buffers, seen = [], [], set()
+    for mod in model.modules():
+        for name, t in (*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)):
+            if t is None or id(t) in inside or id(t) in seen or t.device == dev:
+                continue
+            seen.add(id(t))
+            if isinstance(t, torch.nn.Parameter):
+                params.append((t, t.device))
+                t.data = t.data.to(dev)
+            else:
+                buffers.append((mod, name, t))
+                setattr(mod, name, t.to(dev))
+    try:
+        yield
+    finally:
+        for p, where in params:
+            p.data = p.data.to(where)
+        for mod, name, t in buffers:
+            setattr(mod, name, t)

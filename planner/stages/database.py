@@ -2,7 +2,12 @@
 
 Layout on disk (resumable layer by layer; every file written atomically):
     DIR/index.json            identity (model, calibration, settings) + per-layer entries as they finish
-    DIR/layer_<i>.safetensors the calibration Hessians (float32) and removal orders of block i
+    DIR/layer_<i>.safetensors the calibration Hessians (float32, packed upper triangle: they are symmetric)
+                              and removal orders of block i
+
+Cost (Llama shapes, structured levels): one d x d and one d_ffn x d_ffn triangle per block, 8.8 GB for the 7B
+shape (32 blocks, d 4096, d_ffn 11008), 0.8 GB for the 0.85 B one; sparse levels add one d x d triangle
+per distinct input the module's other linears read (q/k/v share one, gate/up another).
 
 Stored per (layer, kind): the greedy OBS removal order (one pass gives every level), and at each level on
 the grid the *held-out* output error ‖(W − Ŵ)x‖² (mean per token) on calibration passages that the OBS
@@ -13,12 +18,18 @@ on the kept columns (`obs.reconstruct`), so they need not be stored level by lev
 
 With sparse levels (levels["sparse"], SparseGPT): per (layer, kind) also the held-out error of the module
 with every linear sparsified at each level, measured at the consumer's output (the same quantity as above),
-and the input Hessians of the module's other linears (`<kind>.H_slot<j>`); the sparse weights are
-recomputed from them at apply, as the structured ones are.
+and the input Hessians of the module's other linears (`<kind>.H_slot<j>`, one per distinct input: linears fed
+the same tensor share it, index entry `slot_alias`); the sparse weights are recomputed from them at apply, as
+the structured ones are.
+
+Precision: Hessians accumulate in float32 with a float32 product per batch; the greedy OBS pass and the
+held-out scoring run in DatabaseConfig.precision (float32; tests/test_obs.py measures it against float64),
+the damped inverse in float64.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,9 +42,17 @@ from ..config import DatabaseConfig, PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import KINDS, LatencyProfile
-from .calibration import BlockInputs, block_call, capture_block_inputs, real_tokens, run_block
+from .calibration import (
+    BlockInputs,
+    block_call,
+    capture_block_inputs,
+    outside_blocks_on,
+    real_tokens,
+    run_block,
+    visiting,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                 # 2: packed Hessians, shared slot Hessians
 
 
 class Database:
@@ -69,11 +88,17 @@ class Database:
         den = max(e["residual_energy"] if norm == "residual" else e["module_energy"], 1e-30)
         return {float(lv): float(v) / den for lv, v in zip(sp["levels"], sp["val_error"])}
 
+    def hessian(self, layer: int, kind: str) -> torch.Tensor:
+        """(d_in, d_in) float64: the calibration Hessian of block `layer`'s `kind` consumer input."""
+        return unpack_sym(self.tensors(layer)[f"{kind}.H"]).double()
+
     def slot_hessians(self, layer: int, kind: str, n_slots: int) -> list[torch.Tensor]:
         """(d_in, d_in) float64 input Hessians of the module's linears (linear_slots order) for SparseGPT."""
         t = self.tensors(layer)
+        alias = {int(j): int(j0) for j, j0 in self.entry(layer, kind).get("slot_alias", {}).items()}
         last = n_slots - 1                                           # the consumer is the module's last linear
-        return [t[f"{kind}.H"].double() if j == last else t[f"{kind}.H_slot{j}"].double() for j in range(n_slots)]
+        return [self.hessian(layer, kind) if j == last else
+                unpack_sym(t[f"{kind}.H_slot{alias.get(j, j)}"]).double() for j in range(n_slots)]
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         """Block `layer`'s Hessians and orders, read once and kept (the search stitches many plans)."""
@@ -93,6 +118,25 @@ class Database:
         return order[n - n_kept:].sort().values if n_kept else order[:0]
 
 
+def pack_sym(H: torch.Tensor) -> torch.Tensor:
+    """(n(n+1)/2,) the upper triangle of a symmetric (n, n) matrix, row by row (half the bytes on disk)."""
+    n = H.shape[0]
+    return H[torch.ones(n, n, dtype=torch.bool, device=H.device).triu()]
+
+
+def unpack_sym(p: torch.Tensor) -> torch.Tensor:
+    """The symmetric (n, n) matrix whose upper triangle `p` holds (`pack_sym`); a 2-D tensor passes through."""
+    if p.ndim == 2:
+        return p
+    n = int(round(((8 * p.numel() + 1) ** 0.5 - 1) / 2))
+    if n * (n + 1) // 2 != p.numel():
+        raise PlannerError(f"a packed Hessian of {p.numel()} entries is not a triangle: the database is damaged; "
+                           f"delete it and rerun `planner plan`")
+    H = torch.zeros(n, n, dtype=p.dtype, device=p.device)
+    H[torch.ones(n, n, dtype=torch.bool, device=p.device).triu()] = p
+    return H + H.triu(1).T
+
+
 def split_batches(batches: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
     """Every k-th batch goes to validation (batches are length-sorted, so both halves span all lengths)."""
     if val_fraction <= 0 or len(batches) < 2:
@@ -104,12 +148,18 @@ def split_batches(batches: list[dict], val_fraction: float) -> tuple[list[dict],
 
 
 class _Stats:
-    """Hessians of the consumers' inputs and the residual energy, for one block on one data split."""
+    """Hessians of the consumers' inputs and the residual energy, for one block on one data split.
 
-    def __init__(self, layer, adapter, device, slots: bool = False):
+    keep_inputs: also keep each consumer's real-token inputs (tokens, d_in) in float32, for the ErrorMeter
+    (the held-out split, when it has fewer tokens than the consumer has inputs).
+    Linears of a module fed the same tensor (q/k/v, gate/up) share one slot Hessian: `alias[(kind, j)] = j0`."""
+
+    def __init__(self, layer, adapter, device, slots: bool = False, keep_inputs: bool = False):
         self.adapter, self.device = adapter, device
         self.acc, self.res, self.n_res, self.mask = {}, {}, {}, None
+        self.inputs = {} if keep_inputs else None
         self.slot_acc = {}                 # (kind, j) -> Hessian of the j-th linear's input (sparse options)
+        self.alias, self._fed = {}, {}     # slot sharing, found on the first batch; _fed: (kind, input) -> j
         self.handles = []
         for kind in KINDS:
             lin = adapter.consumer(layer, kind)
@@ -119,9 +169,11 @@ class _Stats:
                 slot = getattr(parent, name)
                 if slot is lin:
                     continue                                         # the consumer's Hessian is acc[kind]
-                self.slot_acc[(kind, j)] = obs.HessianAccumulator(slot.in_features, device=device)
+                self.slot_acc[(kind, j)] = _accumulator(slot.in_features, device)
                 self.handles.append(slot.register_forward_pre_hook(self._slot_hook(kind, j)))
-            self.acc[kind] = obs.HessianAccumulator(lin.in_features, device=device)
+            self.acc[kind] = _accumulator(lin.in_features, device)
+            if keep_inputs:
+                self.inputs[kind] = []
             self.res[kind], self.n_res[kind] = 0.0, 0
             self.handles.append(lin.register_forward_pre_hook(self._consumer_hook(kind)))
             mod, where = adapter.residual_point(layer, kind)
@@ -132,19 +184,36 @@ class _Stats:
 
     def _consumer_hook(self, kind):
         def hook(mod, args):
-            self.acc[kind].add_batch(real_tokens(args[0], self.mask).to(self.device))     # (tokens, d_in)
+            x = real_tokens(args[0], self.mask).to(self.device)       # (tokens, d_in)
+            self.acc[kind].add_batch(x)
+            if self.inputs is not None:
+                self.inputs[kind].append(x.float())
         return hook
 
     def _slot_hook(self, kind, j):
         def hook(mod, args):
-            self.slot_acc[(kind, j)].add_batch(real_tokens(args[0], self.mask).to(self.device))
+            if (kind, j) in self.alias:
+                return
+            x = args[0]
+            if self._fed is not None:                                # first batch: who reads which tensor
+                j0 = self._fed.setdefault((kind, x.data_ptr(), tuple(x.shape)), j)
+                if j0 != j:
+                    self.alias[(kind, j)] = j0
+                    del self.slot_acc[(kind, j)]
+                    return
+            self.slot_acc[(kind, j)].add_batch(real_tokens(x, self.mask).to(self.device))
         return hook
 
     def slot_hessians(self, layer, kind) -> list[torch.Tensor]:
-        """Input Hessians of every linear of `kind`, in linear_slots order."""
+        """Input Hessians of every linear of `kind`, in linear_slots order (shared ones are the same tensor)."""
         lin = self.adapter.consumer(layer, kind)
-        return [self.acc[kind].hessian() if getattr(p, n) is lin else self.slot_acc[(kind, j)].hessian()
-                for j, (p, n) in enumerate(self.adapter.linear_slots(layer, kind))]
+        got = {}
+        for j, (p, n) in enumerate(self.adapter.linear_slots(layer, kind)):
+            if getattr(p, n) is lin:
+                got[j] = self.acc[kind].hessian()
+            elif (kind, j) not in self.alias:
+                got[j] = self.slot_acc[(kind, j)].hessian()
+        return [got[self.alias.get((kind, j), j)] for j in range(len(self.adapter.linear_slots(layer, kind)))]
 
     def _residual_hook(self, kind):
         def hook(x):
@@ -163,11 +232,18 @@ class _Stats:
             for x, a, kw, m in zip(inputs.hidden, inputs.args, inputs.kwargs, inputs.masks):
                 self.mask = m.to(dev)                                # the hooks see the block's device
                 outs.append(block_call(block, x, a, kw).to(m.device))
+                self._fed = None                                     # sharing is known after one batch
         return outs
 
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+def _accumulator(d_in: int, device) -> obs.HessianAccumulator:
+    # float32 storage and products: half the memory and time of float64; a mean over a few thousand tokens
+    # loses nothing the OBS pass (float64 inverse) can see
+    return obs.HessianAccumulator(d_in, device=device, dtype=torch.float32, compute_dtype=torch.float32)
 
 
 def sparse_weights(block, adapter, kind: str, level: float, H_slots: list[torch.Tensor], damp: float):
@@ -214,7 +290,6 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     blocks = adapter.layers(model)
-    sparse_levels = [float(x) for x in levels.get("sparse", [])]
     want = {"kind": "ObsDatabase", "schema_version": SCHEMA_VERSION, "identity": identity,
             "config": cfg.to_dict(), "levels": levels, "n_layers": len(blocks)}
     index = None
@@ -234,83 +309,106 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
         return Database(out)
 
     train_b, val_b = split_batches(batches, cfg.val_fraction)
-    dev = cfg.device
-    where, fkw = next(model.parameters()).device, adapter.forward_kwargs()
-    train = capture_block_inputs(model, blocks, train_b, where, forward_kwargs=fkw)
-    val = capture_block_inputs(model, blocks, val_b, where, forward_kwargs=fkw) if val_b is not train_b else train
+    dev, fkw = torch.device(cfg.device), adapter.forward_kwargs()
+    if not cfg.offload:
+        dev = next(model.parameters()).device
+    # offloading: the layers before the first block visit the device for the capture, so the activations are
+    # made and kept there and only one block at a time crosses over
+    with outside_blocks_on(model, blocks, dev) if cfg.offload else nullcontext():
+        train = capture_block_inputs(model, blocks, train_b, dev, forward_kwargs=fkw)
+        val = capture_block_inputs(model, blocks, val_b, dev, forward_kwargs=fkw) if val_b is not train_b else train
     if train.n_tokens == 0:
         raise PlannerError("calibration data has no tokens: give a text file with at least a few passages")
     bar = progress_bar(total=len(blocks), desc="OBS database", progress=progress, unit="block")
+    home = next(model.parameters()).device
     for i, block in enumerate(blocks):
-        if cfg.offload:
-            block.to(dev)
-        if i in done:                                               # resume: only push activations through
-            new_val = run_block(block, val) if val is not train else None
-            train = train.with_hidden(run_block(block, train))
-            val = val.with_hidden(new_val) if new_val is not None else train
-            if cfg.offload:
-                block.to("cpu")
-            bar.update()
-            continue
-        st_train = _Stats(block, adapter, dev, slots=bool(sparse_levels))
-        out_train = st_train.run(block, train)
-        st_train.close()
-        if val is train:
-            st_val, out_val = st_train, out_train
-        else:
-            st_val = _Stats(block, adapter, dev, slots=bool(sparse_levels))
-            out_val = st_val.run(block, val)
-            st_val.close()
-        tensors, entry = {}, {}
-        for kind in KINDS:
-            lin = adapter.consumer(block, kind)
-            if lin is None:                                          # already removed: one option, width 0
-                entry[kind] = {"widths": [0], "val_error": [0.0], "train_loss": [0.0], "module_energy": 1.0,
-                               "residual_energy": 1.0, "group_size": adapter.group_size(model, kind), "n_groups": 0}
-                continue
-            gs = adapter.group_size(model, kind)
-            W = lin.weight.detach().to(dev, torch.float64)           # (d_out, d_in)
-            H_tr = st_train.acc[kind].hessian()                      # (d_in, d_in)
-            H_va = st_val.acc[kind].hessian()
-            n_groups = W.shape[1] // gs
-            cur = n_groups if kind == "attn" else W.shape[1]
-            widths = sorted({w for w in levels[kind] if w <= cur} | {cur})
-            kept_levels = [w if kind == "attn" else w // gs for w in widths]
-            errs = {}                                                # kept groups -> held-out error
-            res = obs.group_obs(W, H_tr, group_size=gs, damp=cfg.damp, snapshot_levels=kept_levels, device=dev,
-                                on_snapshot=lambda nk, W_hat: errs.__setitem__(nk, obs.layer_error(W, W_hat, H_va)))
-            val_err = [errs[nk] for nk in kept_levels]
-            tr_loss = [float(res.loss[n_groups - nk]) for nk in kept_levels]
-            n_tr, n_va = st_train.acc[kind].n, st_val.acc[kind].n
-            H_all = H_tr if val is train else (H_tr * n_tr + H_va * n_va) / (n_tr + n_va)
-            tensors[f"{kind}.H"] = H_all.float().cpu().contiguous()
-            tensors[f"{kind}.order"] = res.order.to(torch.int32).cpu().contiguous()
-            entry[kind] = {"widths": widths, "val_error": val_err, "train_loss": tr_loss,
-                           "module_energy": obs.output_energy(W, H_va),
-                           "residual_energy": st_val.res[kind] / max(st_val.n_res[kind], 1),
-                           "group_size": gs, "n_groups": n_groups, "tokens_train": n_tr, "tokens_val": n_va}
-            if sparse_levels:
-                H_slots = st_train.slot_hessians(block, kind)
-                entry[kind]["sparse"] = {"levels": sparse_levels, "val_error": _sparse_errors(
-                    block, adapter, kind, sparse_levels, H_slots, val, cfg.damp)}
-                n_slots = len(H_slots)
-                for j, Hs in enumerate(H_slots[:-1]):
-                    if val is not train:
-                        Hs = (Hs * n_tr + st_val.slot_acc[(kind, j)].hessian() * n_va) / (n_tr + n_va)
-                    tensors[f"{kind}.H_slot{j}"] = Hs.float().cpu().contiguous()
-                assert n_slots - 1 == len([k for k in tensors if k.startswith(f"{kind}.H_slot")])
+        with visiting(block, dev, home) if cfg.offload else nullcontext():
+            train, val = _block_step(model, adapter, block, i, i in done, train, val, levels, cfg, index, out)
+        bar.update()
+    bar.close()
+    return Database(out)
+
+
+def _block_step(model, adapter, block, i, done, train, val, levels, cfg, index, out):
+    """Block i's database written (or, `done`, only its outputs computed); the next block's (train, val) inputs."""
+    if done:                                                     # resume: only push activations through
+        new_val = run_block(block, val) if val is not train else None
+        train = train.with_hidden(run_block(block, train))
+        val = val.with_hidden(new_val) if new_val is not None else train
+    else:
+        tensors, entry, out_train, out_val = block_database(model, adapter, block, train, val, levels, cfg)
         with io.atomic_path(out / f"layer_{i}.safetensors") as tmp:
             save_file(tensors, str(tmp))
         index["layers"][str(i)] = entry
         io.write_json(out / "index.json", index)                     # the resume point
-        train, val = train.with_hidden(out_train), (val.with_hidden(out_val) if val is not train else None)
-        if val is None:
-            val = train
-        if cfg.offload:
-            block.to("cpu")
-        bar.update()
-    bar.close()
-    return Database(out)
+        train = train.with_hidden(out_train)
+        val = val.with_hidden(out_val) if val is not train else train
+    return train, val
+
+
+def block_database(model, adapter, block, train: BlockInputs, val: BlockInputs, levels: dict, cfg: DatabaseConfig):
+    """One block's database: (tensors to store, index entry, block outputs on train, on val).
+    `val is train` when no passages are held back (the errors are then in-sample). Runs where the block is."""
+    p = next(block.parameters(), None)
+    dev = p.device if p is not None else torch.device(cfg.device)
+    dt = getattr(torch, cfg.precision)
+    sparse_levels = [float(x) for x in levels.get("sparse", [])]
+    st_train = _Stats(block, adapter, dev, slots=bool(sparse_levels))
+    out_train = st_train.run(block, train)
+    st_train.close()
+    if val is train:
+        st_val, out_val = st_train, out_train
+    else:
+        width = min((lin.in_features for k in KINDS if (lin := adapter.consumer(block, k)) is not None), default=0)
+        st_val = _Stats(block, adapter, dev, slots=bool(sparse_levels), keep_inputs=val.n_tokens <= width)
+        out_val = st_val.run(block, val)
+        st_val.close()
+    tensors, entry = {}, {}
+    for kind in KINDS:
+        lin = adapter.consumer(block, kind)
+        if lin is None:                                              # already removed: one option, width 0
+            entry[kind] = {"widths": [0], "val_error": [0.0], "train_loss": [0.0], "module_energy": 1.0,
+                           "residual_energy": 1.0, "group_size": adapter.group_size(model, kind), "n_groups": 0}
+            continue
+        gs = adapter.group_size(model, kind)
+        W = lin.weight.detach().to(dev)                              # (d_out, d_in)
+        H_tr = st_train.acc[kind].hessian()                          # (d_in, d_in) float32
+        n_tr, n_va = st_train.acc[kind].n, st_val.acc[kind].n
+        X_va = torch.cat(st_val.inputs[kind]) if st_val.inputs is not None else None   # (n_va, d_in) or None
+        meter = obs.ErrorMeter(W, X=X_va, H=None if X_va is not None else st_val.acc[kind].hessian(), dtype=dt)
+        del X_va
+        n_groups = W.shape[1] // gs
+        cur = n_groups if kind == "attn" else W.shape[1]
+        widths = sorted({w for w in levels[kind] if w <= cur} | {cur})
+        kept_levels = [w if kind == "attn" else w // gs for w in widths]
+        errs = {}                                                    # kept groups -> held-out error
+        res = obs.group_obs(W, H_tr, group_size=gs, damp=cfg.damp, snapshot_levels=kept_levels, device=dev,
+                            dtype=dt, per_step=cfg.per_step,
+                            on_snapshot=lambda nk, W_hat, m=meter: errs.__setitem__(nk, m.error(W_hat)))
+        if val is not train:                                         # the stored Hessian: every token seen
+            H_tr.mul_(n_tr / (n_tr + n_va)).add_(st_val.acc[kind].hessian(), alpha=n_va / (n_tr + n_va))
+        tensors[f"{kind}.H"] = pack_sym(H_tr).float().cpu().contiguous()
+        tensors[f"{kind}.order"] = res.order.to(torch.int32).cpu().contiguous()
+        entry[kind] = {"widths": widths, "val_error": [errs[nk] for nk in kept_levels],
+                       "train_loss": [float(res.loss[n_groups - nk]) for nk in kept_levels],
+                       "module_energy": meter.energy(),
+                       "residual_energy": st_val.res[kind] / max(st_val.n_res[kind], 1),
+                       "group_size": gs, "n_groups": n_groups, "tokens_train": n_tr, "tokens_val": n_va}
+        del meter, H_tr
+        if sparse_levels:
+            H_slots = [H.double() for H in st_train.slot_hessians(block, kind)]
+            entry[kind]["sparse"] = {"levels": sparse_levels, "val_error": _sparse_errors(
+                block, adapter, kind, sparse_levels, H_slots, val, cfg.damp)}
+            alias = {j: j0 for (k, j), j0 in st_train.alias.items() if k == kind}
+            if alias:
+                entry[kind]["slot_alias"] = {str(j): j0 for j, j0 in sorted(alias.items())}
+            for j, Hs in enumerate(H_slots[:-1]):                    # the last linear is the consumer: kind.H
+                if j in alias:
+                    continue
+                if val is not train:
+                    Hs = (Hs * n_tr + st_val.slot_acc[(kind, j)].hessian().double() * n_va) / (n_tr + n_va)
+                tensors[f"{kind}.H_slot{j}"] = pack_sym(Hs).float().cpu().contiguous()
+    return tensors, entry, out_train, out_val
 
 
 def levels_for(prof: LatencyProfile, shape, cfg: PlanConfig) -> dict:
