@@ -204,6 +204,8 @@ def plan(model, profile_path, out, as_json, quiet, **kw):
     from . import api
     from .reporting.tables import format_plan_table, loop_lines
     plans = api.plan(model, profile_path, config_from(PlanConfig, kw), out, progress=not quiet)
+    if not plans:                       # --distributed, ranks other than 0: they built their blocks, rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in plans], indent=2, sort_keys=True))
     else:

@@ -48,6 +48,8 @@ class ProfileConfig(_Config):
     dtype: str = opt("float32", "weights and activations", choices=DTYPES)
     threads: int | None = opt(None, "CPU threads (default: all this process may use)", type=int)
     ffn_step: int = opt(32, "FFN widths timed: multiples of this (kernel-friendly), plus 0 and the dense width")
+    ffn_levels: int = opt(48, "at most this many FFN widths: a wider FFN is timed at a multiple of --ffn-step "
+                          "(the 7B shape's 11008 at 256)")
     method: str = opt("model", "time each option inside the running model, or the module alone (encoders)",
                       choices=("model", "module"))
     decode_steps: int = opt(16, "decode: greedy steps of the generation loop that is one timed call (per-step times "
@@ -75,6 +77,7 @@ class ProfileConfig(_Config):
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
         _check(self.threads is None or self.threads >= 1, "--threads must be >= 1")
         _check(self.ffn_step >= 1, "--ffn-step must be >= 1")
+        _check(self.ffn_levels >= 2, "--ffn-levels must be >= 2")
         _check(self.decode_steps >= 1, "--decode-steps must be >= 1")
         _check(self.method in ("model", "module"), "--method must be 'model' or 'module'")
         _check(self.reps >= 1 and self.sparse_reps >= 1 and self.rounds >= 1,
@@ -119,6 +122,8 @@ class PlanConfig(_Config):
     offload: bool = opt(False, "keep the model in CPU memory and move one block at a time to --device (large "
                         "models)")
     allow_other_machine: bool = opt(False, "accept a profile measured on another machine")
+    distributed: bool = opt(False, "under torchrun: split the OBS database's blocks across the processes (NCCL "
+                            "on GPUs, one per process; gloo on CPUs); rank 0 solves and writes the plans")
 
     def __post_init__(self):
         _check(len(self.targets) >= 1, "give at least one --speedup target")

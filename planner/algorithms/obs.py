@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-_PER_STEP_SPAN = 256  # a multi-column step removes at most 1/256 of the columns still alive
+_PER_STEP_SPAN = 128  # a multi-column step removes at most 1/256 of the columns still alive
 
 
 # --------------------------------------------------------------------------- Hessian
@@ -135,10 +135,11 @@ def _damp_lambda(H: Tensor, damp: float) -> float:
 
 
 def _spd_inverse(A: Tensor) -> Tensor:
-    """Inverse of a symmetric positive (semi)definite matrix, robust to near singularity."""
-    A = 0.5 * (A + A.T)
+    """Inverse of a symmetric positive (semi)definite matrix, robust to near singularity. Only A's lower
+    triangle is read (symmetrising a wide float64 matrix twice cost as much as its Cholesky factor)."""
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
+        A = 0.5 * (A + A.T)
         scale = float(torch.diagonal(A).abs().mean()) or 1.0
         eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         for e in range(-12, -2):
@@ -147,8 +148,7 @@ def _spd_inverse(A: Tensor) -> Tensor:
                 break
         else:
             return torch.linalg.pinv(A, hermitian=True)
-    Ainv = torch.cholesky_inverse(L)
-    return 0.5 * (Ainv + Ainv.T)
+    return torch.cholesky_inverse(L)  # symmetric: both triangles are written
 
 
 def _spd_chol(A: Tensor, floor: Tensor) -> Tensor:
@@ -308,15 +308,16 @@ def group_obs(
     base_groups = list(range(n_groups))  # local group -> global group id
     base_cols = torch.arange(d_in, device=dev)  # (k,) local col -> global col
     Hb = Hinv  # (k, k)
-    WT = W0.T.contiguous()  # (k, d_out)
+    WT = torch.empty(d_in, d_out, dtype=dt, device=dev).copy_(W0.T)  # (k, d_out), its own memory: updated in place
     fast = g == 1 and not _force_general
 
-    def _init_state():
+    def _init_state(alive=None):
         k = Hb.shape[0]
         m = k // g
         U = torch.zeros(k, cap, dtype=dt, device=dev)  # (k, cap) deferred Hinv factors
         ZT = torch.zeros(cap, d_out, dtype=dt, device=dev)  # (cap, d_out) deferred W factors
-        alive = torch.ones(m, dtype=torch.bool, device=dev)  # (m,)
+        if alive is None:
+            alive = torch.ones(m, dtype=torch.bool, device=dev)  # (m,)
         fl = hd_diag[base_cols]  # (k,)
         if g == 1 and fast:
             D = torch.diagonal(Hb).clone()  # (k,) diag of Hinv_t
@@ -356,8 +357,14 @@ def group_obs(
             j = bisect.bisect_left(below, n_alive) - 1
             nxt = below[j] if j >= 0 else 0
             r = max(1, min(per_step, n_alive // _PER_STEP_SPAN, n_alive - nxt, cap))
-        # ---- flush deferred updates + compact when the block is full
-        if T + r * g > cap:
+        # ---- flush deferred updates when the block is full; compact to the live columns once a quarter are
+        # dead (compacting copies the k x k base: at every flush that was 10% of a wide layer's time)
+        if T + r * g > cap and int(alive.sum()) > 0.75 * alive.numel():
+            Hb.addmm_(U[:, :T], U[:, :T].T, alpha=-1.0)
+            WT.addmm_(U[:, :T], ZT[:T], alpha=-1.0)
+            U, ZT, alive, D, G, floor = _init_state(alive)
+            T = 0
+        elif T + r * g > cap:
             keep_g = alive.nonzero().squeeze(1)  # (m',)
             kc = (keep_g.unsqueeze(1) * g + torch.arange(g, device=dev)).reshape(-1)  # (k',)
             Uk = U.index_select(0, kc)[:, :T]  # (k', T)
@@ -574,7 +581,8 @@ class ErrorMeter:
         with _no_tf32():
             W_hat = W_hat.to(device=self.W.device, dtype=self.dtype)
             if self.H is None:
-                d = self.Y - self.X @ W_hat.T  # (n, d_out)
+                live = W_hat.any(0).nonzero().squeeze(1)  # (s,) the kept columns: the product skips the rest
+                d = self.Y - self.X.index_select(1, live) @ W_hat.index_select(1, live).T  # (n, d_out)
                 return float((d.double() ** 2).sum() / self.X.shape[0])
             dW = self.W - W_hat
             return float(((dW @ self.H) * dW).double().sum() * 0.5)

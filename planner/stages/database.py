@@ -42,6 +42,7 @@ from ..config import DatabaseConfig, PlanConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
 from ..types import KINDS, LatencyProfile
+from . import distributed
 from .calibration import (
     BlockInputs,
     block_call,
@@ -280,18 +281,68 @@ def _sparse_errors(block, adapter, kind, levels, H_slots, val: BlockInputs, damp
 
 
 def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[int]], cfg: DatabaseConfig,
-          identity: dict, progress: bool = True) -> Database:
+          identity: dict, progress: bool = True, group=None) -> Database:
     """Build (or resume) the database for `model` on calibration `batches`.
 
     `levels[kind]` are the kept widths to score (heads for attn, neurons for ffn); widths above a block's
     current width are skipped and its current width is always included. `identity` (model fingerprint,
-    calibration hash) decides whether an existing database can be reused or resumed.
+    calibration hash) decides whether an existing database can be reused or resumed. `group`: this process's
+    place in a torch.distributed job (stages/distributed.py): each rank builds its range of blocks.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     blocks = adapter.layers(model)
     want = {"kind": "ObsDatabase", "schema_version": SCHEMA_VERSION, "identity": identity,
             "config": cfg.to_dict(), "levels": levels, "n_layers": len(blocks)}
+    many = group is not None and group.world > 1
+    index = _open_index(out, want) if not many or group.first else None
+    if many:
+        index = distributed.broadcast(index, group.device)          # rank 0 decided: resume, reuse or start over
+    done = {int(k) for k in index["layers"]}
+    if len(done) == len(blocks):
+        return Database(out)
+
+    train_b, val_b = split_batches(batches, cfg.val_fraction)
+    dev, fkw = torch.device(group.device if many else cfg.device), adapter.forward_kwargs()
+    if not cfg.offload:
+        dev = next(model.parameters()).device
+    # offloading: the layers before the first block visit the device for the capture, so the activations are
+    # made and kept there and only one block at a time crosses over
+    with outside_blocks_on(model, blocks, dev) if cfg.offload else nullcontext():
+        train = capture_block_inputs(model, blocks, train_b, dev, forward_kwargs=fkw)
+        val = capture_block_inputs(model, blocks, val_b, dev, forward_kwargs=fkw) if val_b is not train_b else train
+    if train.n_tokens == 0:
+        raise PlannerError("calibration data has no tokens: give a text file with at least a few passages")
+    home = next(model.parameters()).device
+    mine = group.blocks(len(blocks)) if many else range(len(blocks))
+    if many:
+        train, val = _pass_on(model, blocks, mine, train, val, cfg, group, dev, home)
+
+    def record(i, entry):
+        if many:                                                     # rank 0 merges these into the index
+            io.write_json(out / f"layer_{i}.entry.json", {"rank": group.rank, "entry": entry})
+        else:
+            index["layers"][str(i)] = entry
+            io.write_json(out / "index.json", index)                 # the resume point
+    desc = f"OBS database (rank {group.rank}, blocks {mine.start}-{mine.stop - 1})" if many else "OBS database"
+    bar = progress_bar(total=len(mine), desc=desc, progress=progress, unit="block")
+    for i in mine:
+        with visiting(blocks[i], dev, home) if cfg.offload else nullcontext():
+            train, val = _block_step(model, adapter, blocks[i], i, i in done, train, val, levels, cfg, record, out)
+        bar.update()
+    bar.close()
+    if many:
+        distributed.barrier()                                        # every rank's layer files are written
+        if group.first:
+            _open_index(out, want, fresh=False)                      # merges the ranks' entries
+        distributed.barrier()
+    return Database(out)
+
+
+def _open_index(out: Path, want: dict, fresh: bool = True) -> dict:
+    """The database's index: the one on disk if it was built for the same identity and settings (resume or
+    reuse), with any per-layer entries a distributed run left (layer_<i>.entry.json) merged in; else a new one,
+    and the old layer files removed (`fresh`). Written back to disk."""
+    out.mkdir(parents=True, exist_ok=True)
     index = None
     if (out / "index.json").exists():
         try:
@@ -302,36 +353,43 @@ def build(model, adapter, batches: list[dict], out_dir, levels: dict[str, list[i
             index = old                                              # resume / reuse
     if index is None:
         index = {**want, "layers": {}}
-        for p in out.glob("layer_*.safetensors"):
+        for p in [*out.glob("layer_*.safetensors"), *out.glob("layer_*.entry.json")]:
             p.unlink()
-    done = {int(k) for k in index["layers"]}
-    if len(done) == len(blocks):
-        return Database(out)
-
-    train_b, val_b = split_batches(batches, cfg.val_fraction)
-    dev, fkw = torch.device(cfg.device), adapter.forward_kwargs()
-    if not cfg.offload:
-        dev = next(model.parameters()).device
-    # offloading: the layers before the first block visit the device for the capture, so the activations are
-    # made and kept there and only one block at a time crosses over
-    with outside_blocks_on(model, blocks, dev) if cfg.offload else nullcontext():
-        train = capture_block_inputs(model, blocks, train_b, dev, forward_kwargs=fkw)
-        val = capture_block_inputs(model, blocks, val_b, dev, forward_kwargs=fkw) if val_b is not train_b else train
-    if train.n_tokens == 0:
-        raise PlannerError("calibration data has no tokens: give a text file with at least a few passages")
-    bar = progress_bar(total=len(blocks), desc="OBS database", progress=progress, unit="block")
-    home = next(model.parameters()).device
-    for i, block in enumerate(blocks):
-        with visiting(block, dev, home) if cfg.offload else nullcontext():
-            train, val = _block_step(model, adapter, block, i, i in done, train, val, levels, cfg, index, out)
-        bar.update()
-    bar.close()
-    return Database(out)
+    for p in sorted(out.glob("layer_*.entry.json")):
+        i = p.name.split("_")[1].split(".")[0]
+        if (out / f"layer_{i}.safetensors").exists():
+            got = io.read_json(p)
+            index["layers"][i] = got["entry"]
+            index.setdefault("ranks", {})[i] = got["rank"]            # which process built the block
+    index["layers"] = {k: index["layers"][k] for k in sorted(index["layers"], key=int)}
+    io.write_json(out / "index.json", index)
+    for p in out.glob("layer_*.entry.json"):
+        p.unlink()
+    return index
 
 
-def _block_step(model, adapter, block, i, done, train, val, levels, cfg, index, out):
+def _pass_on(model, blocks, mine: range, train: BlockInputs, val: BlockInputs, cfg, group, dev, home):
+    """Distributed: the hidden states entering this rank's first block (from the rank before), and the ones
+    leaving its last block sent to the rank after, pushed through its blocks once, forward only."""
+    same = val is train
+    if group.rank > 0:
+        train = train.with_hidden(distributed.recv_hidden(group.rank - 1, group.device, dev))
+        val = train if same else val.with_hidden(distributed.recv_hidden(group.rank - 1, group.device, dev))
+    if group.rank < group.world - 1:
+        t, v = train, val
+        for i in mine:
+            with visiting(blocks[i], dev, home) if cfg.offload else nullcontext():
+                t = t.with_hidden(run_block(blocks[i], t))
+                v = t if same else v.with_hidden(run_block(blocks[i], v))
+        distributed.send_hidden(t.hidden, group.rank + 1, group.device)
+        if not same:
+            distributed.send_hidden(v.hidden, group.rank + 1, group.device)
+    return train, val
+
+
+def _block_step(model, adapter, block, i, done, train, val, levels, cfg, record, out):
     """Block i's database written (or, `done`, only its outputs computed); the next block's (train, val) inputs."""
-    if done:                                                     # resume: only push activations through
+    if done:                                                         # resume: only push activations through
         new_val = run_block(block, val) if val is not train else None
         train = train.with_hidden(run_block(block, train))
         val = val.with_hidden(new_val) if new_val is not None else train
@@ -339,8 +397,7 @@ def _block_step(model, adapter, block, i, done, train, val, levels, cfg, index, 
         tensors, entry, out_train, out_val = block_database(model, adapter, block, train, val, levels, cfg)
         with io.atomic_path(out / f"layer_{i}.safetensors") as tmp:
             save_file(tensors, str(tmp))
-        index["layers"][str(i)] = entry
-        io.write_json(out / "index.json", index)                     # the resume point
+        record(i, entry)
         train = train.with_hidden(out_train)
         val = val.with_hidden(out_val) if val is not train else train
     return train, val
@@ -422,8 +479,9 @@ def levels_for(prof: LatencyProfile, shape, cfg: PlanConfig) -> dict:
 
 
 def build_for_plan(ck, model, prof: LatencyProfile, cfg: PlanConfig, batches: list[dict], calib_hash: str, db_dir,
-                   progress: bool = True) -> Database:
-    """The database a plan of checkpoint `ck` (loaded as `model`) needs for profile `prof`, built or resumed."""
+                   progress: bool = True, group=None) -> Database:
+    """The database a plan of checkpoint `ck` (loaded as `model`) needs for profile `prof`, built or resumed
+    (`group`: across the ranks of a torch.distributed job)."""
     identity = {"model": ck.fingerprint, "calibration": calib_hash}
     return build(model, ck.adapter, batches, db_dir, levels_for(prof, ck.shape, cfg), cfg.database, identity,
-                 progress)
+                 progress, group)

@@ -20,7 +20,7 @@ from ..algorithms import solver
 from ..config import PlanConfig
 from ..errors import PlannerError, UnreachableTarget, warn
 from ..types import KINDS, LatencyProfile, Plan
-from . import loop
+from . import distributed, loop
 from . import search as search_stage
 from .calibration import calibration_batches
 from .database import Database, build_for_plan, split_batches
@@ -177,9 +177,17 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
     check_reachable(prof, cfg.targets, prof.min_module_time(cfg.structured),
                     "" if cfg.structured else " by sparse levels alone")
     batches, calib_hash = calibration_batches(ck, cfg.calib_path, cfg.n_calib, cfg.calib_max_len, cfg.calib_batch)
-    model = ck.load(device="cpu" if cfg.offload else cfg.device)
-    db = build_for_plan(ck, model, prof, cfg, batches, calib_hash, Path(db_dir) if db_dir else out_dir / "db",
-                        progress)
+    group = distributed.init(cfg.device) if cfg.distributed else None
+    device = group.device if group else cfg.device
+    model = ck.load(device="cpu" if cfg.offload else device)
+    try:
+        db = build_for_plan(ck, model, prof, cfg, batches, calib_hash, Path(db_dir) if db_dir else out_dir / "db",
+                            progress, group)
+    finally:
+        if group:
+            distributed.close()
+    if group and not group.first:
+        return []                                                    # rank 0 solves
     info = {"path": str(ck.path), "fingerprint": ck.fingerprint}
     calib = {**cfg.calibration_record(), **(extra_options or {})}
     plans = solve_plans(db, prof, sorted(cfg.targets), cfg.error_norm, cfg.n_buckets, info, profile_path, calib,
