@@ -6,7 +6,8 @@ a user's checkpoint is (`from_pretrained` from a local directory). Stages, in on
   calibration  capture the first block's inputs on the calibration windows (the database repeats it)
   database     the OBS database, block by block (calibration statistics, greedy OBS, held-out scoring, writing)
   dp           the SPDY/ZipLM dynamic program for a 2x budget (latency linear in width: pure numbers)
-  apply        the sequential refit of that plan, block by block
+  apply        the sequential refit of a plan keeping half of every module (every module refit; --apply-plan dp:
+               the DP's plan, which on random weights may drop whole modules), block by block
 Each stage reports wall time, peak resident host memory (sampled every 10 ms), peak device memory (CUDA) and,
 for the database, its size on disk. With --blocks fewer than the shape has, the model has only that many blocks
 and the per-block figures are extrapolated to the full depth (printed as such).
@@ -18,6 +19,7 @@ and the per-block figures are extrapolated to the full depth (printed as such).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -121,10 +123,10 @@ def dp_plan(db, shape, n_layers: int, target: float):
 def run(a) -> list[dict]:
     from planner.adapters.checkpoint import load_model
     from planner.config import DatabaseConfig, ProfileConfig
-    from planner.stages.profile import width_grid
     from planner.stages.apply import apply_
     from planner.stages.calibration import capture_block_inputs, outside_blocks_on
     from planner.stages.database import build
+    from planner.stages.profile import width_grid
     shape = dict(SHAPES[a.shape])
     if a.kv_heads:
         shape["kv"] = a.kv_heads
@@ -171,11 +173,16 @@ def run(a) -> list[dict]:
     db = stage("database", lambda: build(model, adapter, data, db_dir, levels, cfg, {"model": tag}, progress=True))
     rows[-1]["disk_bytes"] = sum(p.stat().st_size for p in db_dir.iterdir())
     plan = stage("dp", lambda: dp_plan(db, shape, layers, 2.0))
+    if a.apply_plan == "half":          # every module refit (a random model's DP plan may drop whole modules)
+        plan = dataclasses.replace(plan, layers=[{"heads": adapter.shape(model).attn_units // 2,
+                                                  "ffn": shape["ffn"] // 2}] * layers)
+    kept = {k: sum(lay[k] for lay in plan.layers) / (layers * full) for k, full in
+            (("heads", adapter.shape(model).attn_units), ("ffn", shape["ffn"]))}
     stage("apply", lambda: apply_(model, adapter, plan, select="obs", weights="sequential", db=db, batches=data,
                                   progress=True, device=dev, offload=a.offload))
     meta = {"shape": a.shape, **shape, "blocks": layers, "full_blocks": SHAPES[a.shape]["layers"],
             "params": sum(p.numel() for p in model.parameters()),
-            "model_bytes": model_bytes, "tokens": n_tokens, "ffn_levels": len(levels["ffn"]),
+            "model_bytes": model_bytes, "apply_plan": a.apply_plan, "kept": kept, "tokens": n_tokens, "ffn_levels": len(levels["ffn"]),
             "device": a.device, "offload": a.offload, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda_device": torch.cuda.get_device_name() if cuda else None}
     return meta, rows
@@ -189,7 +196,9 @@ def table(meta: dict, rows: list[dict]) -> str:
              f"{meta['ffn']} ({meta['ffn_levels']} FFN levels), {meta['model_bytes'] / GIB:.2f} GiB of weights, "
              f"{meta['tokens']} calibration tokens, device {dev}"
              + (f" {meta['cuda_device']}" if meta["cuda_device"] else "")
-             + f", {meta['threads']} threads, torch {meta['torch']}",
+             + f", {meta['threads']} threads, torch {meta['torch']}; apply: the "
+             + ("DP's 2x plan" if meta["apply_plan"] == "dp" else "plan keeping half of every module")
+             + f" ({meta['kept']['heads']:.0%} of attention units, {meta['kept']['ffn']:.0%} of FFN neurons kept)",
              "| stage | wall (s) | per block (s) | peak RSS (GiB) | RSS / weights | peak device (GiB) | disk (GiB) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -216,6 +225,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens (windows of 128)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--offload", action="store_true", help="model in host memory, one block on the device")
+    ap.add_argument("--apply-plan", choices=("half", "dp"), default="half",
+                    help="what apply refits: half of every module, or the DP's 2x plan")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-scale"), help="models and databases")
     ap.add_argument("--out", type=Path, default=None, help="write scale.json and scale.md here")

@@ -22,7 +22,7 @@
 #                          profile times shapes, not weights, and training it takes ~8 CPU minutes)
 #   PROFILE_ROOT=profiles  where the profiles are filed
 #   ENCODER_PROFILE_FLAGS, LM_PROFILE_FLAGS, RUN_FLAGS   the flags of those steps (defaults below)
-#   LIMIT_TESTS=90 LIMIT_PROFILES=100 LIMIT_RUN=210 LIMIT_SCALE=80   seconds per step (killed past it: 480 s in all)
+#   LIMIT_TESTS=70 LIMIT_PROFILES=100 LIMIT_RUN=190 LIMIT_SCALE=120   seconds per step (killed past it: 480 s in all)
 set -euo pipefail
 
 OUT=${OUT:-runs/gpu-check}
@@ -34,10 +34,10 @@ LM_PROFILE_FLAGS=${LM_PROFILE_FLAGS:---mode decode --batch-size 8 --seq-len 128 
 # the main job's targets (README) with budgets that fit: 16 candidates / 15 s of search and 15 s of recovery per
 # target (on the GPU each candidate's refit and scoring take well under a second)
 RUN_FLAGS=${RUN_FLAGS:---speedup 1.5 --speedup 2 --speedup 3 --search 16 --search-minutes 0.25 --recover-minutes 0.25}
-LIMIT_TESTS=${LIMIT_TESTS:-90}
+LIMIT_TESTS=${LIMIT_TESTS:-70}
 LIMIT_PROFILES=${LIMIT_PROFILES:-100}
-LIMIT_RUN=${LIMIT_RUN:-210}
-LIMIT_SCALE=${LIMIT_SCALE:-80}
+LIMIT_RUN=${LIMIT_RUN:-190}
+LIMIT_SCALE=${LIMIT_SCALE:-120}
 
 mkdir -p "$OUT/logs"
 SUMMARY="$OUT/summary.txt"

@@ -85,3 +85,39 @@ def test_packed_hessians_round_trip():
     assert torch.equal(unpack_sym(p), H.triu() + H.triu(1).T) and torch.allclose(unpack_sym(p), H)
     with pytest.raises(PlannerError, match="not a triangle"):
         unpack_sym(torch.zeros(11))
+
+
+def test_cross_stats_are_the_kept_part_of_the_full_ones(tmp_path):
+    import copy
+
+    from planner.stages.apply import _cross_stats
+    m, ad = load_model(make_tiny(tmp_path / "m", layers=2))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(5, m.config.vocab_size, (3, 12), generator=g),
+                "attention_mask": torch.ones(3, 12, dtype=torch.long)} for _ in range(2)]
+    inp = capture_block_inputs(m, ad.layers(m), batches)
+    dblock = ad.layers(m)[0]
+    cblock = copy.deepcopy(dblock)
+    with torch.no_grad():
+        for p in cblock.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))        # a "compressed" block that differs
+    c_in = inp.with_hidden([h + 0.1 for h in inp.hidden])
+    for kind in ("attn", "ffn"):
+        dl, cl = ad.consumer(dblock, kind), ad.consumer(cblock, kind)
+        xs, xhs = [], []
+        h1 = dl.register_forward_pre_hook(lambda mod, a: xs.append(a[0]))
+        h2 = cl.register_forward_pre_hook(lambda mod, a: xhs.append(a[0]))
+        with torch.no_grad():
+            for x, xc, a, kw in zip(inp.hidden, c_in.hidden, inp.args, inp.kwargs):
+                block_call(dblock, x, a, kw)
+                block_call(cblock, xc, a, kw)
+        h1.remove()
+        h2.remove()
+        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double()
+        Xh = torch.cat([x.reshape(-1, x.shape[-1]) for x in xhs]).double()
+        n = X.shape[0]
+        S = torch.arange(0, cl.in_features, 3)
+        H_SS, C_S, mean_diag = _cross_stats(dl, cl, dblock, cblock, inp, c_in, S)
+        torch.testing.assert_close(H_SS, (2 / n * Xh.T @ Xh)[S][:, S], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(C_S, (2 / n * X.T @ Xh)[:, S], rtol=1e-5, atol=1e-6)
+        assert mean_diag == pytest.approx(float(torch.diagonal(2 / n * Xh.T @ Xh).mean()), rel=1e-6)

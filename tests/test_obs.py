@@ -10,12 +10,14 @@ from planner.algorithms.obs import (
     GroupOBSResult,
     HessianAccumulator,
     dampen,
+    damping,
     group_obs,
     layer_error,
     magnitude_order,
     output_energy,
     reconstruct,
     reconstruct_cross,
+    reconstruct_cross_kept,
 )
 
 F64 = torch.float64
@@ -360,3 +362,25 @@ def test_float32_products_in_the_accumulator():
     for x in X:
         acc.add_batch(x)
     torch.testing.assert_close(acc.hessian().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reconstruct_cross_from_the_kept_parts_only():
+    W, H_hat, _ = make_problem(7, 30, 200, seed=8)
+    _, C, _ = make_problem(7, 30, 200, seed=9)
+    S = torch.tensor([0, 3, 4, 10, 11, 29])
+    lam = damping(float(torch.diagonal(H_hat).mean()), 0.01)
+    torch.testing.assert_close(reconstruct_cross_kept(W, H_hat[S][:, S], C[:, S], lam, S),
+                               reconstruct_cross(W, H_hat, C, S, damp=0.01), rtol=1e-10, atol=1e-10)
+
+
+def test_kept_snapshots_score_as_the_full_ones():
+    W, H, X = make_problem(12, 60, 40, seed=4)
+    levels = [0, 5, 17, 60]
+    full, kept = {}, {}
+    group_obs(W, H, 1, snapshot_levels=levels, on_snapshot=lambda n, Wf: full.__setitem__(n, Wf.clone()))
+    group_obs(W, H, 1, snapshot_levels=levels, on_kept=lambda n, c, Wt: kept.__setitem__(n, (c.clone(), Wt.clone())))
+    for mk in (ErrorMeter(W.float(), X=X), ErrorMeter(W.float(), H=2.0 / 40 * X.T @ X)):   # both forms
+        for n in levels:
+            cols, W_S_T = kept[n]
+            assert cols.numel() == n and torch.equal(full[n][:, cols], W_S_T.T)
+            assert mk.error_kept(cols, W_S_T) == pytest.approx(mk.error(full[n]), rel=1e-5, abs=1e-6)

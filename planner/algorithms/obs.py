@@ -43,10 +43,12 @@ from torch import Tensor
 __all__ = [
     "HessianAccumulator",
     "dampen",
+    "damping",
     "GroupOBSResult",
     "group_obs",
     "reconstruct",
     "reconstruct_cross",
+    "reconstruct_cross_kept",
     "layer_error",
     "output_energy",
     "ErrorMeter",
@@ -127,8 +129,12 @@ def dampen(H: Tensor, damp: float = 0.01) -> Tensor:
 def _damp_lambda(H: Tensor, damp: float) -> float:
     """The lambda :func:`dampen` adds: damp * mean(diag H), or 1e-8 if that mean is not > 0."""
     diag = torch.diagonal(H)
-    mean = float(diag.mean()) if diag.numel() else 0.0
-    return damp * mean if (mean > 0 and mean < float("inf")) else 1e-8
+    return damping(float(diag.mean()) if diag.numel() else 0.0, damp)
+
+
+def damping(mean_diag: float, damp: float) -> float:
+    """The lambda :func:`dampen` adds to a Hessian whose diagonal has this mean."""
+    return damp * mean_diag if (mean_diag > 0 and mean_diag < float("inf")) else 1e-8
 
 
 # --------------------------------------------------------------------------- helpers
@@ -240,6 +246,7 @@ def group_obs(
     device=None,
     *,
     on_snapshot=None,
+    on_kept=None,
     block: int = 128,
     dtype: torch.dtype = _F64,
     per_step: int = 1,
@@ -253,6 +260,9 @@ def group_obs(
     ``snapshot_levels``: numbers of kept groups at which to return the updated W.
     ``on_snapshot(n_kept, W_hat)``: if given, called at each snapshot level instead of keeping the
     snapshot (a large layer at many levels would not fit in memory: 176 levels of a 2048 x 5632 FFN are 16 GB).
+    ``on_kept(n_kept, cols, W_S_T)``: instead, the kept columns (s,) and their weights transposed (s, d_out),
+    in the pass's dtype, never scattered to full size (scoring a wide layer at every level that way saved a
+    tenth of its database time).
     ``block``: number of columns of deferred updates between flushes (tuning knob).
     ``dtype``: precision of the greedy pass. The damped inverse is always formed in float64 (it is the one
     ill-conditioned step) and then rounded; float32 halves the memory traffic of the per-step matrix-vector
@@ -296,7 +306,10 @@ def group_obs(
             snapshots[n_kept] = Wfull.to(device=W.device, dtype=out_dtype)
 
     if n_groups in level_set:
-        _emit(n_groups, W0.clone())
+        if on_kept is not None:
+            on_kept(n_groups, torch.arange(d_in, device=dev), W0.T)
+        else:
+            _emit(n_groups, W0.clone())
 
     errs = torch.zeros(n_groups, dtype=dt, device=dev)  # (n_groups,)
     order: list[int] = []
@@ -333,10 +346,14 @@ def group_obs(
     U, ZT, alive, D, G, floor = _init_state()
     T = 0  # columns of U/ZT in use
 
+    def _current_active() -> tuple[Tensor, Tensor]:
+        # W_t^T on the base columns (k, d_out) and which of them are alive (k,)
+        Wt = torch.addmm(WT, U[:, :T], ZT[:T], alpha=-1.0)  # (k, d_out)
+        return Wt, (alive.repeat_interleave(g) if g > 1 else alive)
+
     def _current_full() -> Tensor:
         # W_t on the active columns, scattered to full size (d_out, d_in)
-        Wt = torch.addmm(WT, U[:, :T], ZT[:T], alpha=-1.0)  # (k, d_out)
-        colmask = alive.repeat_interleave(g) if g > 1 else alive  # (k,)
+        Wt, colmask = _current_active()
         full = torch.zeros(d_out, d_in, dtype=dt, device=dev)
         full[:, base_cols[colmask]] = Wt[colmask].T
         return full
@@ -459,7 +476,10 @@ def group_obs(
         i += r
         n_kept = n_groups - i
         if n_kept in level_set:
-            if n_kept == 0:
+            if on_kept is not None:
+                Wt, colmask = _current_active()
+                on_kept(n_kept, base_cols[colmask], Wt[colmask])
+            elif n_kept == 0:
                 _emit(0, torch.zeros(d_out, d_in, dtype=dt, device=dev))
             else:
                 _emit(n_kept, _current_full())
@@ -525,13 +545,26 @@ def reconstruct_cross(
     S = torch.as_tensor(kept_cols, dtype=torch.long, device=dev).reshape(-1)
     if S.numel() == 0:
         return torch.zeros(W.shape[0], 0, dtype=out_dtype, device=dev)
-    W64 = _as_f64(W, dev)
     Hh = _as_f64(H_hat, dev)
-    Hd = dampen(Hh, damp)
-    lam = _damp_lambda(Hh, damp)
-    B = W64 @ _as_f64(C, dev).index_select(1, S)  # (d_out, s)
+    return reconstruct_cross_kept(W, Hh.index_select(0, S).index_select(1, S), _as_f64(C, dev).index_select(1, S),
+                                  _damp_lambda(Hh, damp), S)
+
+
+@torch.no_grad()
+def reconstruct_cross_kept(W: Tensor, H_SS: Tensor, C_S: Tensor, lam: float, kept_cols: Tensor) -> Tensor:
+    """:func:`reconstruct_cross` from the kept parts only: H_SS = H_hat[S, S] (s, s), C_S = C[:, S] (d_in, s) and
+    the damping ``lam`` (= damp * mean(diag H_hat), from the full diagonal). Accumulating only these costs
+    (s^2 + d_in s) / (2 d_in^2) of the full statistics: at half the columns kept, 3/8."""
+    dev = W.device
+    out_dtype = W.dtype if W.is_floating_point() else _F64
+    S = torch.as_tensor(kept_cols, dtype=torch.long, device=dev).reshape(-1)
+    if S.numel() == 0:
+        return torch.zeros(W.shape[0], 0, dtype=out_dtype, device=dev)
+    W64 = _as_f64(W, dev)
+    B = W64 @ _as_f64(C_S, dev)  # (d_out, s)
     B.add_(W64.index_select(1, S), alpha=lam)
-    A = Hd.index_select(0, S).index_select(1, S)  # (s, s)
+    A = _as_f64(H_SS, dev).clone()  # (s, s)
+    torch.diagonal(A).add_(lam)
     return _solve_spd_right(B, A).to(out_dtype)
 
 
@@ -586,6 +619,19 @@ class ErrorMeter:
                 return float((d.double() ** 2).sum() / self.X.shape[0])
             dW = self.W - W_hat
             return float(((dW @ self.H) * dW).double().sum() * 0.5)
+
+    @torch.no_grad()
+    def error_kept(self, cols: Tensor, W_S_T: Tensor) -> float:
+        """The error of the weights W_hat whose kept columns `cols` (s,) hold W_S_T.T, W_S_T (s, d_out);
+        the other columns zero."""
+        with _no_tf32():
+            W_S_T = W_S_T.to(device=self.W.device, dtype=self.dtype)
+            if self.H is None:
+                d = torch.addmm(self.Y, self.X.index_select(1, cols), W_S_T, alpha=-1.0)  # (n, d_out)
+                return float((d.double() ** 2).sum() / self.X.shape[0])
+            W_hat = torch.zeros_like(self.W)
+            W_hat[:, cols] = W_S_T.T
+        return self.error(W_hat)
 
     def energy(self) -> float:
         """``mean ||W x||^2``: the layer's own held-out output energy."""

@@ -441,7 +441,7 @@ def block_database(model, adapter, block, train: BlockInputs, val: BlockInputs, 
         errs = {}                                                    # kept groups -> held-out error
         res = obs.group_obs(W, H_tr, group_size=gs, damp=cfg.damp, snapshot_levels=kept_levels, device=dev,
                             dtype=dt, per_step=cfg.per_step,
-                            on_snapshot=lambda nk, W_hat, m=meter: errs.__setitem__(nk, m.error(W_hat)))
+                            on_kept=lambda nk, cols, W_S_T, m=meter: errs.__setitem__(nk, m.error_kept(cols, W_S_T)))
         if val is not train:                                         # the stored Hessian: every token seen
             H_tr.mul_(n_tr / (n_tr + n_va)).add_(st_val.acc[kind].hessian(), alpha=n_va / (n_tr + n_va))
         tensors[f"{kind}.H"] = pack_sym(H_tr).float().cpu().contiguous()
