@@ -27,3 +27,22 @@ def test_benchmark_imports_resolve(script):
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tinylm":
             import benchmarks.tinylm as tinylm
             assert hasattr(tinylm, node.attr), f"{script.name}:{node.lineno}: tinylm has no {node.attr}"
+
+
+def test_bench_scale_runs_every_stage_on_a_tiny_shape(tmp_path):
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--shape", "tiny", "--work",
+                        str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--threads", "1", "--tokens", "1024"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "o" / "scale.json").read_text())
+    stages = {s["stage"]: s for s in got["stages"]}
+    assert list(stages) == ["load", "calibration", "database", "dp", "apply"]
+    assert all(s["wall_s"] >= 0 and s["peak_rss_bytes"] > 0 for s in stages.values())
+    # on disk: per block the packed upper triangles of one 256- and one 704-wide float32 Hessian, and the orders
+    c = got["conditions"]
+    packed = 4 * sum(n * (n + 1) // 2 for n in (c["hidden"], c["ffn"])) * c["blocks"]
+    assert packed < stages["database"]["disk_bytes"] < 1.05 * packed
+    assert "| database |" in r.stdout and c["kept"] == {"heads": 0.5, "ffn": 0.5}

@@ -333,6 +333,8 @@ def test_float32_pass_matches_float64():
     big = a.loss > 1e-3 * a.loss[-1]
     rel = ((a.loss - b.loss).abs() / a.loss.clamp_min(1e-30))[big]
     assert float(rel.max()) < 1e-4
+    c = group_obs(W, H, 1, dtype=torch.float32, inverse_dtype=torch.float64)      # the float64-inverse fallback
+    assert float((((a.loss - c.loss).abs() / a.loss.clamp_min(1e-30))[big]).max()) < 1e-4
     for keep in (600, 384, 192, 48):
         overlap = len(set(a.kept_groups(keep).tolist()) & set(b.kept_groups(keep).tolist())) / keep
         assert overlap >= 0.99

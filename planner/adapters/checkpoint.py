@@ -12,6 +12,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,10 +137,55 @@ class Checkpoint:
         except Exception as e:  # corrupted or mismatched weights: say so in one line
             raise PlannerError(f"could not load model from {self.path}: {_one_line(e)}") from None
         self.adapter.prepare_(model)
+        if torch.device(device).type == "cpu":
+            _own_weights(model)
         return model.eval().to(device)
 
     def check_positions(self, n: int, what: str, extra: int = 0) -> None:
         self.adapter.check_positions(self.hf_config, n, what, extra)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of .safetensors files (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+            a, b = parts[0].split("-")
+            out.append((int(a, 16), int(b, 16)))
+    return out
+
+
+def _own_weights(model) -> None:
+    """Give every CPU parameter memory of its own, handing the checkpoint file's pages back as it goes.
+
+    from_pretrained maps safetensors files into memory: a weight is a view of the file, its pages count in the
+    process's resident memory once read, and they stay there while any weight still views the file. So when
+    apply replaces a block's weights by smaller ones, the old ones' pages stay resident next to the new: on a
+    0.85 B Llama the sequential apply peaked at 1.81x the model's size. Copied here one weight at a time, each
+    file view's pages dropped (madvise DONTNEED: a file mapping re-reads them if touched, nothing is lost), the
+    process holds one copy of the model and frees what apply replaces."""
+    maps = _file_mappings()
+    if not maps:
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for p in model.parameters():
+        if p.device.type != "cpu" or not p.numel():
+            continue
+        start, end = p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()
+        if not any(a <= start and end <= b for a, b in maps):
+            continue                                                   # already the process's own memory
+        p.data = p.data.clone()
+        lo, hi = -(-start // page) * page, end // page * page          # whole pages inside the old view only
+        if hi > lo:
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)   # 4 = MADV_DONTNEED
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

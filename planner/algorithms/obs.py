@@ -249,6 +249,7 @@ def group_obs(
     on_kept=None,
     block: int = 128,
     dtype: torch.dtype = _F64,
+    inverse_dtype: torch.dtype | None = None,
     per_step: int = 1,
     _force_general: bool = False,
 ) -> GroupOBSResult:
@@ -264,10 +265,10 @@ def group_obs(
     in the pass's dtype, never scattered to full size (scoring a wide layer at every level that way saved a
     tenth of its database time).
     ``block``: number of columns of deferred updates between flushes (tuning knob).
-    ``dtype``: precision of the greedy pass. The damped inverse is always formed in float64 (it is the one
-    ill-conditioned step) and then rounded; float32 halves the memory traffic of the per-step matrix-vector
-    products that dominate on large layers (tests/test_obs.py measures what float32 changes: the loss curve
-    and the removal order against the float64 pass).
+    ``dtype``: precision of the greedy pass; float32 halves the memory traffic of the per-step matrix-vector
+    products that dominate on large layers (tests/test_obs.py and benchmarks/bench_obs_precision.py measure what
+    float32 changes against the float64 pass). ``inverse_dtype`` (default ``dtype``): precision of the damped
+    inverse; a float32 Cholesky that fails falls back to float64.
     ``per_step``: with group_size 1, remove up to this many columns per greedy step while at least
     ``per_step * 256`` remain (one column per step below that, where the choice matters most). Each step reads
     the whole weight matrix once, so on a wide FFN this divides the dominant memory traffic; 1 = exact greedy.
@@ -291,9 +292,20 @@ def group_obs(
 
     dt = dtype
     tiny = torch.finfo(dt).tiny
-    Hd = dampen(_as_f64(H, dev), damp)  # (d_in, d_in) float64
+    # the damped inverse in the pass's precision: in float32 the kept sets' loss stayed within 2e-4 of the float64
+    # pass on a 2048 x 5632 FFN with outlier features (benchmarks/bench_obs_precision.py); a float32 Cholesky that
+    # fails (a Hessian too ill-conditioned for it) falls back to float64
+    inv_dt = inverse_dtype or dt
+    Hd = H.detach().to(device=dev, dtype=inv_dt, copy=True)  # (d_in, d_in)
+    torch.diagonal(Hd).add_(_damp_lambda(Hd, damp))  # damped in place: one copy
     hd_diag = torch.diagonal(Hd).clone().clamp_min(tiny).to(dt)  # (d_in,)
-    Hinv = _spd_inverse(Hd).to(dt)  # (d_in, d_in)
+    L, info = torch.linalg.cholesky_ex(Hd) if Hd.dtype != _F64 else (None, 1)
+    if int(info) == 0:
+        Hinv = torch.cholesky_inverse(L)  # (d_in, d_in)
+        del L
+    else:
+        Hd = Hd.to(_F64)
+        Hinv = _spd_inverse(Hd).to(dt)
     del Hd
     W0 = W.detach().to(device=dev, dtype=dt)  # (d_out, d_in)
 
