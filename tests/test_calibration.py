@@ -117,7 +117,8 @@ def test_cross_stats_are_the_kept_part_of_the_full_ones(tmp_path):
         Xh = torch.cat([x.reshape(-1, x.shape[-1]) for x in xhs]).double()
         n = X.shape[0]
         S = torch.arange(0, cl.in_features, 3)
-        H_SS, C_S, mean_diag = _cross_stats(dl, cl, dblock, cblock, inp, c_in, S)
+        H_SS, WC_S, mean_diag = _cross_stats(dl, cl, dblock, cblock, inp, c_in, S)
         torch.testing.assert_close(H_SS, (2 / n * Xh.T @ Xh)[S][:, S], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(C_S, (2 / n * X.T @ Xh)[:, S], rtol=1e-5, atol=1e-6)
+        assert dl.bias is not None                                     # BERT: the bias must not leak into W C
+        torch.testing.assert_close(WC_S, dl.weight.double() @ (2 / n * X.T @ Xh)[:, S], rtol=1e-4, atol=1e-5)
         assert mean_diag == pytest.approx(float(torch.diagonal(2 / n * Xh.T @ Xh).mean()), rel=1e-6)

@@ -371,7 +371,7 @@ def test_reconstruct_cross_from_the_kept_parts_only():
     _, C, _ = make_problem(7, 30, 200, seed=9)
     S = torch.tensor([0, 3, 4, 10, 11, 29])
     lam = damping(float(torch.diagonal(H_hat).mean()), 0.01)
-    torch.testing.assert_close(reconstruct_cross_kept(W, H_hat[S][:, S], C[:, S], lam, S),
+    torch.testing.assert_close(reconstruct_cross_kept(W, H_hat[S][:, S], W @ C[:, S], lam, S),
                                reconstruct_cross(W, H_hat, C, S, damp=0.01), rtol=1e-10, atol=1e-10)
 
 

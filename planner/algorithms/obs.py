@@ -558,23 +558,24 @@ def reconstruct_cross(
     if S.numel() == 0:
         return torch.zeros(W.shape[0], 0, dtype=out_dtype, device=dev)
     Hh = _as_f64(H_hat, dev)
-    return reconstruct_cross_kept(W, Hh.index_select(0, S).index_select(1, S), _as_f64(C, dev).index_select(1, S),
-                                  _damp_lambda(Hh, damp), S)
+    return reconstruct_cross_kept(W, Hh.index_select(0, S).index_select(1, S),
+                                  _as_f64(W, dev) @ _as_f64(C, dev).index_select(1, S), _damp_lambda(Hh, damp), S)
 
 
 @torch.no_grad()
-def reconstruct_cross_kept(W: Tensor, H_SS: Tensor, C_S: Tensor, lam: float, kept_cols: Tensor) -> Tensor:
-    """:func:`reconstruct_cross` from the kept parts only: H_SS = H_hat[S, S] (s, s), C_S = C[:, S] (d_in, s) and
-    the damping ``lam`` (= damp * mean(diag H_hat), from the full diagonal). Accumulating only these costs
-    (s^2 + d_in s) / (2 d_in^2) of the full statistics: at half the columns kept, 3/8."""
+def reconstruct_cross_kept(W: Tensor, H_SS: Tensor, WC_S: Tensor, lam: float, kept_cols: Tensor) -> Tensor:
+    """:func:`reconstruct_cross` from the kept parts only: H_SS = H_hat[S, S] (s, s), WC_S = W @ C[:, S]
+    (d_out, s) and the damping ``lam`` (= damp * mean(diag H_hat), from the full diagonal). WC_S is
+    ``2/n sum y x_hat_S^T`` with y = W x the dense layer's outputs, so it accumulates from them directly: with
+    H_SS that is (s^2 + d_out s) per token against the full statistics' 2 d_in^2, and no d_out x d_in x s
+    product at the end."""
     dev = W.device
     out_dtype = W.dtype if W.is_floating_point() else _F64
     S = torch.as_tensor(kept_cols, dtype=torch.long, device=dev).reshape(-1)
     if S.numel() == 0:
         return torch.zeros(W.shape[0], 0, dtype=out_dtype, device=dev)
-    W64 = _as_f64(W, dev)
-    B = W64 @ _as_f64(C_S, dev)  # (d_out, s)
-    B.add_(W64.index_select(1, S), alpha=lam)
+    B = _as_f64(WC_S, dev).clone()  # (d_out, s)
+    B.add_(_as_f64(W, dev).index_select(1, S), alpha=lam)
     A = _as_f64(H_SS, dev).clone()  # (s, s)
     torch.diagonal(A).add_(lam)
     return _solve_spd_right(B, A).to(out_dtype)

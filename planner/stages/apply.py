@@ -103,9 +103,9 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
             dblock = copy.deepcopy(cblock)                 # block i before it is shrunk: the dense reference, on dev
             for kind in KINDS:
                 def fit(lin, cols, kind=kind):
-                    H_SS, C_S, mean_diag = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in,
-                                                        c_in, cols)
-                    return obs.reconstruct_cross_kept(lin.weight.detach(), H_SS, C_S, obs.damping(mean_diag, damp),
+                    H_SS, WC_S, mean_diag = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in,
+                                                         c_in, cols)
+                    return obs.reconstruct_cross_kept(lin.weight.detach(), H_SS, WC_S, obs.damping(mean_diag, damp),
                                                       cols)
                 _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
                 _sparsify(adapter, cblock, i, kind, plan.layers[i], db, damp)
@@ -148,44 +148,48 @@ class _Captured(Exception):
 
 def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: BlockInputs, cols: torch.Tensor):
     """The statistics `obs.reconstruct_cross_kept` needs, over real tokens: H_SS = 2/n Σ x̂_S x̂_Sᵀ (s, s),
-    C_S = 2/n Σ x x̂_Sᵀ (d_in, s) and the damping's mean diagonal of H_hat, with x the dense consumer's input and x̂
-    the compressed one's (full width before shrinking), paired token by token; S = `cols`, the kept columns.
-    Products per batch in float32 (half the time of float64), summed in float64. Each block runs only up to its
-    consumer."""
+    WC_S = 2/n Σ y x̂_Sᵀ (d_out, s) and the damping's mean diagonal of H_hat, with y the dense consumer's output
+    and x̂ the compressed consumer's input (full width before shrinking), paired token by token; S = `cols`, the
+    kept columns. Products per batch in float32 (half the time of float64), summed in float64. Each block runs
+    only up to its consumer."""
     d, dev = comp_lin.in_features, comp_lin.weight.device
     S = cols.to(dev)
     s = S.numel()
     H_SS = torch.zeros(s, s, dtype=torch.float64, device=dev)
-    C_S = torch.zeros(d, s, dtype=torch.float64, device=dev)
+    WC_S = torch.zeros(dense_lin.out_features, s, dtype=torch.float64, device=dev)
     diag = torch.zeros(d, dtype=torch.float64, device=dev)
     n = 0
     got = {}
 
-    def keep(name):
-        def hook(m, a):
-            got[name] = a[0]
-            raise _Captured
-        return hook
-    h1 = dense_lin.register_forward_pre_hook(keep("x"))
-    h2 = comp_lin.register_forward_pre_hook(keep("xh"))
+    def out_hook(m, a, y):
+        got["y"] = y
+        raise _Captured
+
+    def in_hook(m, a):
+        got["xh"] = a[0]
+        raise _Captured
+    h1 = dense_lin.register_forward_hook(out_hook)
+    h2 = comp_lin.register_forward_pre_hook(in_hook)
     try:
         for xd, xc, a, kw, mask in zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks):
-            for block, x_in, name in ((dblock, xd, "x"), (cblock, xc, "xh")):
+            for block, x_in in ((dblock, xd), (cblock, xc)):
                 try:
                     block_call(block, x_in, a, kw)
                 except _Captured:
                     pass
-            x = real_tokens(got["x"], mask).to(dev, torch.float32)    # (tokens, d_in)
-            xh = real_tokens(got["xh"], mask).to(dev, torch.float32)
+            y = real_tokens(got["y"], mask).to(dev, torch.float32)    # (tokens, d_out) = W x + b
+            if dense_lin.bias is not None:
+                y = y - dense_lin.bias.detach().to(dev, torch.float32)
+            xh = real_tokens(got["xh"], mask).to(dev, torch.float32)  # (tokens, d_in)
             xs = xh.index_select(1, S)                                # (tokens, s)
             H_SS += (xs.T @ xs).double()
-            C_S += (x.T @ xs).double()
+            WC_S += (y.T @ xs).double()
             diag += (xh.double() ** 2).sum(0)
-            n += x.shape[0]
+            n += y.shape[0]
     finally:
         h1.remove()
         h2.remove()
-    return H_SS * (2 / n), C_S * (2 / n), float(diag.mean()) * 2 / n
+    return H_SS * (2 / n), WC_S * (2 / n), float(diag.mean()) * 2 / n
 
 
 def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None = None, select: str = "obs",
