@@ -284,7 +284,7 @@ def verify(dense, compressed, profile_path, out, as_json, quiet, **kw):
               help="speedup targets over the dense model")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/minilm"), show_default=True)
 @config_options("run", ProfileConfig)
-@config_options("run", PlanConfig, exclude=("targets", "device"))
+@config_options("run", PlanConfig, exclude=("targets", "device", "distributed"))
 @config_options("run", VerifyConfig, prefix="verify-", exclude=_RUN_SHARED)
 @click.option("--recover-minutes", type=float, default=RunConfig.recover_minutes, show_default=True,
               help="distillation budget per planned model (0: one-shot models only)")
@@ -301,7 +301,7 @@ def run(model, targets, out, recover_minutes, no_baseline, quiet, **kw):
     from . import api
     pcfg = config_from(ProfileConfig, kw)
     cfg = RunConfig(targets=tuple(targets), profile=pcfg,
-                    plan=config_from(PlanConfig, kw, exclude=("targets", "device")),
+                    plan=config_from(PlanConfig, kw, exclude=("targets", "device", "distributed")),
                     verify=config_from(VerifyConfig, kw, prefix="verify-", exclude=_RUN_SHARED), baseline=not no_baseline,
                     recover=config_from(RecoverConfig, kw, prefix="recover-", exclude=("minutes", "steps", "threads",
                                                                                        "device")),
@@ -358,7 +358,7 @@ def recover(compressed, teacher, out, quiet, **kw):
 @_model_arg
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="directory for the whole family")
-@config_options("compress", PlanConfig, required=("targets",))
+@config_options("compress", PlanConfig, required=("targets",), exclude=("distributed",))
 @click.option("--no-recover", is_flag=True, help="no distillation between steps")
 @config_options("compress", RecoverConfig, prefix="recover-")
 @config_options("compress", VerifyConfig, prefix="verify-", exclude=_RUN_SHARED)
@@ -376,7 +376,7 @@ def compress(model, profile_path, out, no_recover, legacy_reps, quiet, **kw):
     from .reporting.tables import format_family
     from .types import LatencyProfile
     prof = LatencyProfile.load(profile_path)
-    pcfg = config_from(PlanConfig, kw)
+    pcfg = config_from(PlanConfig, kw, exclude=("distributed",))
     rcfg = config_from(RecoverConfig, kw, prefix="recover-")
     if legacy_reps is not None:
         warnings.warn("planner compress --reps is deprecated: use --verify-reps", FutureWarning, stacklevel=1)

@@ -22,9 +22,9 @@ and the input Hessians of the module's other linears (`<kind>.H_slot<j>`, one pe
 the same tensor share it, index entry `slot_alias`); the sparse weights are recomputed from them at apply, as
 the structured ones are.
 
-Precision: Hessians accumulate in float32 with a float32 product per batch; the greedy OBS pass and the
-held-out scoring run in DatabaseConfig.precision (float32; tests/test_obs.py measures it against float64),
-the damped inverse in float64.
+Precision: Hessians accumulate in float32 with a float32 product per batch; the greedy OBS pass, its damped
+inverse and the held-out scoring run in DatabaseConfig.precision (float32; tests/test_obs.py and
+benchmarks/bench_obs_precision.py measure it against float64).
 """
 from __future__ import annotations
 
@@ -242,8 +242,7 @@ class _Stats:
 
 
 def _accumulator(d_in: int, device) -> obs.HessianAccumulator:
-    # float32 storage and products: half the memory and time of float64; a mean over a few thousand tokens
-    # loses nothing the OBS pass (float64 inverse) can see
+    # float32 storage and products: half the memory and time of float64, and the precision the OBS pass works in
     return obs.HessianAccumulator(d_in, device=device, dtype=torch.float32, compute_dtype=torch.float32)
 
 
