@@ -83,7 +83,8 @@ def test_flags_named_in_docs_exist():
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     # flags of other tools that the docs quote
     foreign = {"--upgrade", "--no-sandbox", "--headless", "--threads-per-core", "--break-system-packages",
-               "--durations", "--index-url", "--extra-index-url", "--pre", "--no-deps"}
+               "--durations", "--index-url", "--extra-index-url", "--pre", "--no-deps",
+               "--nproc-per-node", "--standalone"}                            # torchrun's
     for doc in docs:
         unknown = _named_flags(doc.read_text()) - flags - foreign
         assert not unknown, f"{doc.name} names flags no command has: {sorted(unknown)}"
@@ -97,6 +98,7 @@ def test_flags_named_in_error_messages_exist():
             for flag in _named_flags(s) - flags:
                 unknown.setdefault(flag, p.name)
     unknown.pop("--trust-remote-code", None)
+    unknown.pop("--nproc-per-node", None)                                          # torchrun's, in distributed.py
     assert not unknown, f"messages name flags no command has: {unknown}"
 
 
