@@ -157,7 +157,7 @@ def test_gradual_family_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout
     top = prof.max_speedup()
     t1, t2 = round(1 + 0.2 * (top - 1), 2), round(1 + 0.5 * (top - 1), 2)
     df = planner.compress(tiny_llama, ppath, tmp_path / "fam",
-                          PlanConfig(search=0, targets=(t2, t1), calib_path=str(calib_file), n_calib=48, calib_max_len=32),
+                          PlanConfig(search=0, loop_rounds=0, targets=(t2, t1), calib_path=str(calib_file), n_calib=48, calib_max_len=32),
                           RecoverConfig(data_path=str(calib_file), steps=3, batch_size=4, max_len=32, minutes=None,
                                         eval_every=3, ckpt_every=3),
                           VerifyConfig(batch_size=2, seq_len=16, reps=3, threads=1, n_text=24, mode="decode",
