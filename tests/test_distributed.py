@@ -28,8 +28,10 @@ def test_distributed_outside_torchrun_is_one_line(tmp_path, calib_file, monkeypa
     _ok(["profile", m, *FAST, "--out", prof, "-q"])
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    _err(["plan", m, "--profile", prof, "-x", 1.01, "--calib", calib_file, "--distributed", "--search", 0,
-          "--out", tmp_path / "run"], "runs under torchrun")
+    line = _err(["plan", m, "--profile", prof, "-x", 1.01, "--calib", calib_file, "--distributed", "--search", 0,
+                 "--out", tmp_path / "run"], "runs under torchrun")
+    assert "--nproc-per-node" in line                                   # says how to start it
+    assert not (tmp_path / "run").exists()                              # nothing built, nothing half-written
 
 
 def _plan(cmd_prefix, m, prof, target, calib, out, extra=()):
