@@ -7,7 +7,7 @@ hidden states entering its first block from the rank before it, pushes them thro
 only) and sends the result on, and only then builds its blocks' databases, which is where the time goes, in
 parallel with the other ranks. Every rank writes its layer files into the shared database directory; rank 0
 gathers the index entries, writes the index and solves. NCCL on GPUs (one per rank, LOCAL_RANK), gloo on CPUs.
-Only torch.distributed's own collectives are used (send/recv, broadcast/gather of objects, barrier).
+Only torch.distributed's own collectives are used (send/recv, an object broadcast, barrier).
 """
 from __future__ import annotations
 
@@ -83,13 +83,6 @@ def broadcast(obj, device: str):
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_obj_device(device))
     return box[0]
-
-
-def gather(obj, group: Group, device: str) -> list | None:
-    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
-    box = [None] * group.world if group.first else None
-    dist.gather_object(obj, box, dst=0)
-    return box
 
 
 def barrier() -> None:
