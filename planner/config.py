@@ -13,6 +13,7 @@ from .errors import PlannerError
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
+REFITS = ("stream", "module")       # apply's sequential refit (stages/apply.py)
 MODES = ("prefill", "decode", "score")      # stages/regimes.py says what one timed call of each is
 
 
@@ -105,6 +106,10 @@ class PlanConfig(_Config):
     error_norm: str = opt("residual", "normalise each module's error by the residual stream it writes into, or "
                           "by its own output (ZipLM)", choices=("residual", "module"))
     sequential: bool = opt(True, "at apply: refit kept weights on inputs from the already-compressed layers")
+    refit: str = opt("stream", "what the sequential refit matches: 'stream' refits every module's input linears "
+                     "to the dense pre-activations and a shrunk module's output linear to the dense residual stream "
+                     "after it; 'module' only the output linear, to the dense module's output",
+                     choices=REFITS)
     sparse: bool = opt(True, "also offer the sparse levels the profile timed (profile --sparsity), per module")
     structured: bool = opt(True, "offer only the full width or a sparse level per module (the architecture is "
                            "kept)", flag="sparse-only", invert=True)
@@ -133,6 +138,7 @@ class PlanConfig(_Config):
         _check(0.0 <= self.val_fraction < 0.9, "--val-fraction must be in [0, 0.9)")
         _check(self.damp > 0, "--damp must be > 0")
         _check(self.error_norm in ("residual", "module"), "--error-norm must be 'residual' or 'module'")
+        _check(self.refit in REFITS, f"--refit must be one of {REFITS}")
         _check(self.n_buckets >= 100, "--buckets must be >= 100")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}")
         _check(self.search >= 0, "--search must be >= 0")
@@ -150,7 +156,7 @@ class PlanConfig(_Config):
         """The settings a plan records about its calibration, so that `apply` refits on the same text."""
         return {"calib_path": self.calib_path, "n_calib": self.n_calib, "calib_max_len": self.calib_max_len,
                 "calib_batch": self.calib_batch, "damp": self.damp, "val_fraction": self.val_fraction,
-                "weights": "sequential" if self.sequential else "obs", "sparse": self.sparse,
+                "weights": "sequential" if self.sequential else "obs", "refit": self.refit, "sparse": self.sparse,
                 **({} if self.structured else {"structured": False})}
 
 

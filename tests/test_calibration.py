@@ -122,3 +122,127 @@ def test_cross_stats_are_the_kept_part_of_the_full_ones(tmp_path):
         assert dl.bias is not None                                     # BERT: the bias must not leak into W C
         torch.testing.assert_close(WC_S, dl.weight.double() @ (2 / n * X.T @ Xh)[:, S], rtol=1e-4, atol=1e-5)
         assert mean_diag == pytest.approx(float(torch.diagonal(2 / n * Xh.T @ Xh).mean()), rel=1e-6)
+
+
+def _perturbed_pair(tmp_path, layers=2, seed=1):
+    """A tiny BERT's first block (dense), a perturbed copy of it ("compressed"), the dense path's captured inputs
+    and a compressed path's that differ from them."""
+    import copy
+    m, ad = load_model(make_tiny(tmp_path / "m", layers=layers))
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"input_ids": torch.randint(5, m.config.vocab_size, (3, 12), generator=g),
+                "attention_mask": torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 5 + [0] * 7])} for _ in range(2)]
+    inp = capture_block_inputs(m, ad.layers(m), batches)
+    dblock = ad.layers(m)[0]
+    cblock = copy.deepcopy(dblock)
+    with torch.no_grad():
+        for p in cblock.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    c_in = inp.with_hidden([h + 0.1 * torch.randn(h.shape, generator=g) for h in inp.hidden])
+    return m, ad, dblock, cblock, inp, c_in
+
+
+def _record(block, inp, modules: dict):
+    """Run `block` on every captured batch; {name: (real tokens, d)} of each module's input ("in:...") or output
+    ("out:...")."""
+    from planner.stages.calibration import real_tokens
+    seen = {k: [] for k in modules}
+    hs = []
+    for k, mod in modules.items():
+        if k.startswith("in:"):
+            hs.append(mod.register_forward_pre_hook(lambda m_, a, k=k: seen[k].append(a[0])))
+        else:
+            hs.append(mod.register_forward_hook(lambda m_, a, y, k=k: seen[k].append(y)))
+    with torch.no_grad():
+        for x, a, kw, mask in zip(inp.hidden, inp.args, inp.kwargs, inp.masks):
+            block_call(block, x, a, kw)
+    for h in hs:
+        h.remove()
+    return {k: torch.cat([real_tokens(t, mk) for t, mk in zip(v, inp.masks)]).double() for k, v in seen.items()}
+
+
+def test_cross_stats_with_the_residual_target(tmp_path):
+    """refit="stream": the consumer's target is the dense residual stream minus the compressed path's residual,
+    s − (ŝ − ŷ), with s, ŝ the LayerNorm's input and ŷ the compressed consumer's output (brute force)."""
+    from planner.stages.apply import _cross_stats
+    m, ad, dblock, cblock, inp, c_in = _perturbed_pair(tmp_path)
+    for kind in ("attn", "ffn"):
+        dl, cl = ad.consumer(dblock, kind), ad.consumer(cblock, kind)
+        dn, cn = ad.residual_norm_input(dblock, kind), ad.residual_norm_input(cblock, kind)
+        d = _record(dblock, inp, {"out:y": dl, "in:s": dn})
+        c = _record(cblock, c_in, {"in:x": cl, "out:y": cl, "in:s": cn})
+        n = c["in:x"].shape[0]
+        S = torch.arange(1, cl.in_features, 2)
+        res = (ad.residual_point(dblock, kind), ad.residual_point(cblock, kind))
+        H_SS, WC_S, _ = _cross_stats(dl, cl, dblock, cblock, inp, c_in, S, res)
+        target = d["in:s"] - (c["in:s"] - c["out:y"]) - dl.bias.double()          # (tokens, d_out)
+        Xs = c["in:x"][:, S]
+        torch.testing.assert_close(H_SS, 2 / n * Xs.T @ Xs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(WC_S, 2 / n * target.T @ Xs, rtol=1e-4, atol=1e-5)
+        plain = _cross_stats(dl, cl, dblock, cblock, inp, c_in, S)[1]
+        assert (WC_S - plain).abs().max() > 1e-3            # the residual's drift is really in the target
+
+
+def test_refit_producers_is_least_squares_towards_the_dense_outputs(tmp_path):
+    """Each producer linear (q, k, v; the FFN's input linear) gets W' = (C + lam W)(H + lam I)^-1 with the
+    compressed path's inputs and the dense block's outputs (brute force); on the dense path itself the dense
+    weights come back."""
+    import copy
+
+    from planner.algorithms import obs
+    from planner.stages.apply import _refit_producers
+    m, ad, dblock, cblock, inp, c_in = _perturbed_pair(tmp_path)
+    damp = 0.01
+    for kind in ("attn", "ffn"):
+        prods = [(getattr(*a), getattr(*b)) for a, b in zip(ad.linear_slots(dblock, kind)[:-1],
+                                                             ad.linear_slots(cblock, kind)[:-1])]
+        assert prods
+        d = _record(dblock, inp, {f"out:{j}": dl for j, (dl, _) in enumerate(prods)})
+        c = _record(cblock, c_in, {f"in:{j}": cl for j, (_, cl) in enumerate(prods)})
+        want = []
+        for j, (dl, cl) in enumerate(prods):
+            X, Y = c[f"in:{j}"], d[f"out:{j}"] - dl.bias.double()
+            n = X.shape[0]
+            H, C = 2 / n * X.T @ X, 2 / n * Y.T @ X
+            lam = damp * float(torch.diagonal(H).mean())
+            want.append((C + lam * cl.weight.double()) @ torch.linalg.inv(H + lam * torch.eye(H.shape[0],
+                                                                                               dtype=H.dtype)))
+        with torch.no_grad():
+            _refit_producers(ad, dblock, cblock, kind, inp, c_in, damp)
+        for (_, cl), w in zip(prods, want):
+            torch.testing.assert_close(cl.weight.double(), w, rtol=1e-3, atol=1e-4)
+        same = copy.deepcopy(dblock)
+        with torch.no_grad():
+            _refit_producers(ad, dblock, same, kind, inp, inp, damp)
+        for (dl, _), (p, name) in zip(prods, ad.linear_slots(same, kind)[:-1]):
+            torch.testing.assert_close(getattr(p, name).weight, dl.weight, rtol=1e-3, atol=1e-4)
+    assert obs.damping(1.0, damp) == damp
+
+
+def test_stream_refit_brings_the_residual_stream_closer(tmp_path):
+    """On the calibration text it fits, the "stream" refit leaves every block's output nearer the dense model's
+    than the "module" refit does: it targets that stream, the other only each module's own output."""
+    import copy
+
+    from planner.stages.apply import apply_
+    from planner.types import Plan
+    m, ad = load_model(make_tiny(tmp_path / "m", layers=3))
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(5, m.config.vocab_size, (8, 16), generator=g),
+                "attention_mask": torch.ones(8, 16, dtype=torch.long)} for _ in range(3)]
+    spec = ad.spec(m)
+    layers = [{"heads": max(1, s.heads // 2), "ffn": s.ffn // 4} for s in spec]
+    plan = Plan(method="planner", target_speedup=2.0, predicted_time=0.0, predicted_speedup=2.0, layers=layers,
+                base_time=1.0,
+                total_error=0.0, profile={}, model={})
+    def last_hidden(model):
+        with torch.no_grad():
+            return [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+                    for b in batches]                                   # (B, T, d) each
+    ref = last_hidden(m)
+    err = {}
+    for refit in ("module", "stream"):
+        c = apply_(copy.deepcopy(m), ad, plan, select="magnitude", weights="sequential", batches=batches,
+                   progress=False, refit=refit)
+        err[refit] = sum(float((o - r).pow(2).sum()) for o, r in zip(last_hidden(c), ref))
+    assert err["stream"] < 0.9 * err["module"], err

@@ -1,9 +1,15 @@
 """Apply a plan: choose the kept structures, fit their weights, physically shrink the modules.
 
 Weights of the kept columns come from one of:
-- "sequential" (default): least squares against the dense block's outputs, on inputs that come from the
-  already-compressed earlier blocks: min ‖W X − Ŵ_S X̂_S‖² (`obs.reconstruct_cross`). This corrects the
-  drift that earlier pruning causes, which per-layer OBS on dense inputs cannot see.
+- "sequential" (default): least squares on inputs that come from the already-compressed earlier blocks, which
+  corrects the drift that earlier pruning causes and per-layer OBS on dense inputs cannot see. What it matches
+  (`refit`):
+  - "stream" (default): every producer linear of every module (q/k/v, the FFN's input linears) is refitted to
+    give the dense block's pre-activations on the compressed path's inputs, min ‖W X − W' X̂‖²; a shrunk module's
+    consumer is refitted to give the dense residual stream after it, min ‖(W X + r) − (Ŵ_S X̂_S + r̂)‖² with r,
+    r̂ the residual it adds to, so the kept columns also undo the drift the residual carries in.
+  - "module": only a shrunk module's consumer, to the dense module's own output, min ‖W X − Ŵ_S X̂_S‖²
+    (`obs.reconstruct_cross`), as plans made before the "stream" refit were applied.
 - "obs": the OBS result on dense calibration inputs, recovered exactly from the database's Hessian.
 - "none": the kept columns unchanged (the magnitude baseline).
 Kept structures come from the database's OBS removal order, or by weight magnitude for the baseline.
@@ -66,8 +72,9 @@ def _check_plan(model, adapter, plan: Plan):
 @torch.no_grad()
 def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequential", db: Database | None = None,
            batches: list[dict] | None = None, damp: float = 0.01, progress: bool = True, device=None,
-           offload: bool = False):
+           offload: bool = False, refit: str = "stream"):
     """Shrink `model` in place to `plan`. Returns the model.
+    refit: what the sequential refit matches, "stream" or "module" (module docstring).
     device: where the fits run (default: the model's). Without `offload` the model moves there; with it the model
     stays where it is (host memory) and each block visits `device` only while it is fitted (plus the layers
     before the first block while the calibration inputs are captured)."""
@@ -102,9 +109,15 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
         with visiting(blocks[i], dev, home) if offload else nullcontext(blocks[i]) as cblock:
             dblock = copy.deepcopy(cblock)                 # block i before it is shrunk: the dense reference, on dev
             for kind in KINDS:
-                def fit(lin, cols, kind=kind):
+                stream = refit == "stream" and adapter.consumer(cblock, kind) is not None
+                if stream:
+                    _refit_producers(adapter, dblock, cblock, kind, d_in, c_in, damp)
+
+                def fit(lin, cols, kind=kind, stream=stream):
+                    res = (adapter.residual_point(dblock, kind), adapter.residual_point(cblock, kind)) if stream \
+                        else None
                     H_SS, WC_S, mean_diag = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in,
-                                                         c_in, cols)
+                                                         c_in, cols, res)
                     return obs.reconstruct_cross_kept(lin.weight.detach(), H_SS, WC_S, obs.damping(mean_diag, damp),
                                                       cols)
                 _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
@@ -146,12 +159,94 @@ class _Captured(Exception):
     """Raised by a hook once the consumer's input is in hand: the rest of the block need not run."""
 
 
-def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: BlockInputs, cols: torch.Tensor):
+def _hook_point(mod, where: str, fn):
+    """Call fn(tensor) with `mod`'s first forward input (where == "input") or its output (a tensor, or a tuple
+    whose [0] it is); returns the hook handle."""
+    if where == "input":
+        return mod.register_forward_pre_hook(lambda m, a: fn(a[0]))
+    return mod.register_forward_hook(lambda m, a, y: fn(y[0] if isinstance(y, (tuple, list)) else y))
+
+
+def _both_blocks(dblock, cblock, d_in: BlockInputs, c_in: BlockInputs):
+    """For each calibration batch, run the dense block on the dense path's input and the compressed block on the
+    compressed path's, each until a hook raises _Captured (or to its end); yields the batch's token mask."""
+    for xd, xc, a, kw, mask in zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks):
+        for block, x_in in ((dblock, xd), (cblock, xc)):
+            try:
+                block_call(block, x_in, a, kw)
+            except _Captured:
+                pass
+        yield mask
+
+
+def _refit_producers(adapter, dblock, cblock, kind: str, d_in: BlockInputs, c_in: BlockInputs, damp: float):
+    """Refit every row of module `kind`'s producer linears in cblock (all linear_slots but the consumer; before
+    shrinking, so kept and dropped rows alike: each row's fit is independent of the others) so that, on the
+    compressed path's inputs x̂, they give the dense block's outputs W x on the dense path's (before the
+    nonlinearity): W' = (C + lam W)(H + lam I)^-1 with H = 2/n Σ x̂ x̂ᵀ (d_in, d_in), C = 2/n Σ W x x̂ᵀ
+    (d_out, d_in); the damping pulls W' towards W. Producers that read the same tensor (q/k/v, gate/up) share one H.
+    Each block runs only up to its consumer. Linears of other types (sparse kernels) are left as they are."""
+    pairs = [(getattr(*d), getattr(*c)) for d, c in zip(adapter.linear_slots(dblock, kind)[:-1],
+                                                        adapter.linear_slots(cblock, kind)[:-1])]
+    pairs = [(dl, cl) for dl, cl in pairs if type(dl) is torch.nn.Linear and type(cl) is torch.nn.Linear]
+    if not pairs:
+        return
+    dev = pairs[0][1].weight.device
+    got: dict = {}
+    share: dict = {}            # (data_ptr, shape) of a producer's input -> the H it accumulates into
+    H: list[torch.Tensor] = []
+    C = [torch.zeros(cl.out_features, cl.in_features, dtype=torch.float64, device=dev) for _, cl in pairs]
+    which = [0] * len(pairs)    # producer j's input -> H[which[j]]
+
+    def stop(m, a):
+        raise _Captured
+    hs = [adapter.consumer(dblock, kind).register_forward_pre_hook(stop),
+          adapter.consumer(cblock, kind).register_forward_pre_hook(stop)]
+    for j, (dl, cl) in enumerate(pairs):
+        hs.append(dl.register_forward_hook(lambda m, a, y, j=j: got.__setitem__(("y", j), y)))
+        hs.append(cl.register_forward_pre_hook(lambda m, a, j=j: got.__setitem__(("x", j), a[0])))
+    n = 0
+    try:
+        for b, mask in enumerate(_both_blocks(dblock, cblock, d_in, c_in)):
+            xs = {}
+            for j, (dl, cl) in enumerate(pairs):
+                x = got[("x", j)]
+                if b == 0:                                  # who reads which tensor, from the first batch
+                    key = (x.data_ptr(), tuple(x.shape))
+                    if key not in share:
+                        share[key] = len(H)
+                        H.append(torch.zeros(cl.in_features, cl.in_features, dtype=torch.float64, device=dev))
+                    which[j] = share[key]
+                if which[j] not in xs:
+                    xs[which[j]] = real_tokens(x, mask).to(dev, torch.float32)     # (tokens, d_in)
+                    H[which[j]] += (xs[which[j]].T @ xs[which[j]]).double()
+                y = real_tokens(got[("y", j)], mask).to(dev, torch.float32)       # (tokens, d_out) = W x + b
+                if dl.bias is not None:
+                    y = y - dl.bias.detach().to(dev, torch.float32)
+                C[j] += (y.T @ xs[which[j]]).double()
+            n += next(iter(xs.values())).shape[0]
+            got.clear()
+    finally:
+        for h in hs:
+            h.remove()
+    for j, (_, cl) in enumerate(pairs):
+        Hj = H[which[j]] * (2 / n)
+        lam = obs.damping(float(torch.diagonal(Hj).mean()), damp)
+        W = obs.reconstruct_cross_kept(cl.weight.detach(), Hj, C[j] * (2 / n), lam,
+                                       torch.arange(cl.in_features, device=dev))
+        cl.weight.copy_(W.to(cl.weight.dtype))
+
+
+def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: BlockInputs, cols: torch.Tensor,
+                 residual=None):
     """The statistics `obs.reconstruct_cross_kept` needs, over real tokens: H_SS = 2/n Σ x̂_S x̂_Sᵀ (s, s),
     WC_S = 2/n Σ y x̂_Sᵀ (d_out, s) and the damping's mean diagonal of H_hat, with y the dense consumer's output
     and x̂ the compressed consumer's input (full width before shrinking), paired token by token; S = `cols`, the
     kept columns. Products per batch in float32 (half the time of float64), summed in float64. Each block runs
-    only up to its consumer."""
+    only up to its consumer.
+    residual: ((module, where) in dblock, (module, where) in cblock), the residual-stream points after the
+    consumer (adapter.residual_point), or None. Given, y is the dense stream there minus the compressed path's
+    residual, s − (ŝ − ŷ) = W x + r − r̂, and the blocks run up to that point."""
     d, dev = comp_lin.in_features, comp_lin.weight.device
     S = cols.to(dev)
     s = S.numel()
@@ -161,23 +256,24 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
     n = 0
     got = {}
 
-    def out_hook(m, a, y):
-        got["y"] = y
-        raise _Captured
-
-    def in_hook(m, a):
-        got["xh"] = a[0]
-        raise _Captured
-    h1 = dense_lin.register_forward_hook(out_hook)
-    h2 = comp_lin.register_forward_pre_hook(in_hook)
+    def keep(key, stop: bool):
+        def fn(t):
+            got[key] = t
+            if stop:
+                raise _Captured
+        return fn
+    stop_at_consumer = residual is None
+    hs = [dense_lin.register_forward_hook(lambda m, a, y, f=keep("y", stop_at_consumer): f(y)),
+          comp_lin.register_forward_pre_hook(lambda m, a, f=keep("xh", stop_at_consumer): f(a[0]))]
+    if residual is not None:
+        hs.append(comp_lin.register_forward_hook(lambda m, a, y, f=keep("yh", False): f(y)))
+        hs += [_hook_point(mod, where, keep(key, True)) for (mod, where), key in zip(residual, ("s", "sh"))]
     try:
-        for xd, xc, a, kw, mask in zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks):
-            for block, x_in in ((dblock, xd), (cblock, xc)):
-                try:
-                    block_call(block, x_in, a, kw)
-                except _Captured:
-                    pass
+        for mask in _both_blocks(dblock, cblock, d_in, c_in):
             y = real_tokens(got["y"], mask).to(dev, torch.float32)    # (tokens, d_out) = W x + b
+            if residual is not None:                                  # W x + b + r − r̂, r̂ = ŝ − ŷ
+                s_d, s_c, y_c = (real_tokens(got[k], mask).to(dev, torch.float32) for k in ("s", "sh", "yh"))
+                y = s_d - (s_c - y_c)
             if dense_lin.bias is not None:
                 y = y - dense_lin.bias.detach().to(dev, torch.float32)
             xh = real_tokens(got["xh"], mask).to(dev, torch.float32)  # (tokens, d_in)
@@ -187,8 +283,8 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
             diag += (xh.double() ** 2).sum(0)
             n += y.shape[0]
     finally:
-        h1.remove()
-        h2.remove()
+        for h in hs:
+            h.remove()
     return H_SS * (2 / n), WC_S * (2 / n), float(diag.mean()) * 2 / n
 
 
@@ -216,9 +312,11 @@ def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None
                                          o.get("calib_max_len", d.calib_max_len), o.get("calib_batch", d.calib_batch))
     model = ck.load("cpu" if cfg.offload else cfg.device)
     apply_(model, ck.adapter, p, select=select, weights=weights, db=db, batches=batches,
-           damp=o.get("damp", d.damp), progress=progress, device=cfg.device, offload=cfg.offload)
+           damp=o.get("damp", d.damp), progress=progress, device=cfg.device, offload=cfg.offload,
+           refit=o.get("refit", "module"))          # plans made before the "stream" refit record none
     record = {"method": p.method, "target_speedup": p.target_speedup, "predicted_speedup": p.predicted_speedup,
-              "weights": weights, "select": select, "profile": {k: p.profile.get(k) for k in
+              "weights": weights, "refit": o.get("refit", "module") if weights == "sequential" else None,
+              "select": select, "profile": {k: p.profile.get(k) for k in
               ("batch_size", "seq_len", "dtype", "mode", "decode_steps")} | {"hardware": p.profile.get("hardware", {}).get("key")},
               "source": p.model, "origin": ck.origin or ck.fingerprint,   # the dense ancestor (gradual: not the source)
               "calibration": {"path": o.get("calib_path"), "n": o.get("n_calib", d.n_calib)}, **_loop_record(p)}

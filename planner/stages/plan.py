@@ -206,7 +206,7 @@ def plan(ck, prof: LatencyProfile, profile_path, cfg: PlanConfig, out_dir, progr
     if cfg.search:
         train, held = split_batches(batches, cfg.val_fraction)
         loss_of = search_stage.DeployLoss(model, ck.adapter, db, cfg.damp, search_stage.split_for_search(train, held),
-                                          device=cfg.device, offload=cfg.offload)
+                                          device=cfg.device, offload=cfg.offload, refit=cfg.refit)
         plans = [_search(p, prof, db, cfg, loss_of, timer, out_dir, progress, info, profile_path, calib)
                  if p.method == "planner" else p for p in plans]
     del model

@@ -47,12 +47,12 @@ class DeployLoss:
     docstring). The dense model's outputs on the scored batches are computed once."""
 
     def __init__(self, dense, adapter, db, damp: float, data: list[tuple[list[dict], list[dict]]], device=None,
-                 offload: bool = False):
+                 offload: bool = False, refit: str = "stream"):
         """device, offload: where each candidate's sequential refit runs (apply_'s; default: the dense model's
         device). The scoring forwards run where the dense model is."""
         self.dense, self.adapter, self.db, self.damp, self.data = dense, adapter, db, damp, data
         self.dev = next(dense.parameters()).device
-        self.fit_device, self.offload = device or self.dev, offload
+        self.fit_device, self.offload, self.refit = device or self.dev, offload, refit
         self.ref = [[self._outputs(dense, b) for b in held] for _, held in data]
 
     @torch.no_grad()
@@ -70,7 +70,7 @@ class DeployLoss:
         fit, held = self.data[fidelity]
         m = copy.deepcopy(self.dense)
         apply_(m, self.adapter, plan, select="obs", weights="sequential", db=self.db, batches=fit, damp=self.damp,
-               progress=False, device=self.fit_device, offload=self.offload)
+               progress=False, device=self.fit_device, offload=self.offload, refit=self.refit)
         with torch.no_grad():
             losses = [self.loss_of(self._outputs(m, b), t) for b, t in zip(held, self.ref[fidelity])]
         return sum(losses) / len(losses)
@@ -104,7 +104,7 @@ def searched(plain: Plan, cprof: LatencyProfile, loss_of: DeployLoss, opts, make
 
     state_path = out_dir / "search" / f"search-{plain.target_speedup:g}x.json"
     want = {"kind": SEARCH_KIND, "schema_version": SEARCH_VERSION, "seed": seed, "budget": budget,
-            "fidelity": [list(f) for f in FIDELITY], "identity": {"database": plain.database, "norm": cfg.error_norm}}
+            "fidelity": [list(f) for f in FIDELITY], "identity": {"database": plain.database, "norm": cfg.error_norm, "refit": cfg.refit}}
     state = {**want, "history": []}
     if state_path.exists():
         old = io.read_json(state_path, "search state")
