@@ -98,7 +98,7 @@ class PlanConfig(_Config):
                                      flag="speedup", short="-x", multiple=True, type=float)
     calib_path: str | None = opt(None, "calibration text, one passage per line (default: the shipped corpus)",
                                  flag="calib", type=str, path=True)
-    n_calib: int = opt(1024, "calibration passages used (the first n after a fixed shuffle)")
+    n_calib: int = opt(2048, "calibration passages used (the first n after a fixed shuffle)")
     calib_max_len: int = opt(128, "tokens per calibration passage (causal LMs: per window)")
     calib_batch: int = opt(32, "calibration passages per forward")
     val_fraction: float = opt(0.25, "share of calibration passages held back to score the errors")
@@ -115,7 +115,7 @@ class PlanConfig(_Config):
                            "kept)", flag="sparse-only", invert=True)
     search: int = opt(64, "end-to-end search: at most this many candidate plans per target, each deployed as "
                       "apply would and scored on held-back calibration text (0: the DP's plan); resumable")
-    search_minutes: float | None = opt(1.5, "time budget of the search per target (minutes)", type=float)
+    search_minutes: float | None = opt(1.0, "time budget of the search per target (minutes)", type=float)
     search_repairs: int = opt(2, "closed loop: times a searched plan that measured outside the tolerance is "
                                  "repaired to the corrected budget and timed again (0: the DP's plan is kept)")
     n_buckets: int = opt(10_000, "time buckets of the DP (its resolution)", flag="buckets")
@@ -154,7 +154,10 @@ class PlanConfig(_Config):
 
     def calibration_record(self) -> dict:
         """The settings a plan records about its calibration, so that `apply` refits on the same text."""
-        return {"calib_path": self.calib_path, "n_calib": self.n_calib, "calib_max_len": self.calib_max_len,
+        from . import data  # the shipped files a plan without --calib was calibrated on
+        return {"calib_path": self.calib_path, **({} if self.calib_path else
+                                                  {"calib_default": list(data.DEFAULT_CALIBRATION)}),
+                "n_calib": self.n_calib, "calib_max_len": self.calib_max_len,
                 "calib_batch": self.calib_batch, "damp": self.damp, "val_fraction": self.val_fraction,
                 "weights": "sequential" if self.sequential else "obs", "refit": self.refit, "sparse": self.sparse,
                 **({} if self.structured else {"structured": False})}

@@ -29,6 +29,22 @@ def test_outside_sets_are_shipped_and_disjoint_from_the_training_text():
     assert (data.shipped("SOURCES.md")).exists() and len(data.shipped("heldout_packages.credits").read_text()) > 100
 
 
+def test_the_default_calibration_spans_two_registers_and_no_heldout_text():
+    """The default calibration text is the project's prose and its dependencies' docstrings (calibration_tech.txt);
+    no held-out set shares a 5-word run with either, nor a sentence with the technical half."""
+    prose = data.read_lines(None, data.CALIBRATION)
+    tech = data.read_lines(None, data.CALIBRATION_TECH)
+    assert data.read_lines(None) == prose + tech and len(tech) >= 500 and len(set(tech)) == len(tech)
+    assert all(6 <= len(l.split()) <= 40 for l in tech)
+    cal = _runs("\n".join(tech))          # (the prose against the outside sets: the test above)
+    for name, path in data.heldout_sets().items():
+        lines = data.read_lines(path)
+        assert not set(lines) & set(tech)
+        assert not [l for l in lines if _runs(l) & cal], f"{name} shares 5-word runs with calibration_tech.txt"
+    credits = data.shipped("calibration_tech.credits").read_text()
+    assert "numpy" in credits and "torch" in credits
+
+
 def test_verify_scores_every_set_and_headlines_the_worst(tiny_bert, tmp_path):
     rep = planner.verify(tiny_bert, tiny_bert, VerifyConfig(batch_size=2, seq_len=8, reps=3, max_reps=3, n_text=24),
                          progress=False)
@@ -42,7 +58,8 @@ def test_verify_scores_every_set_and_headlines_the_worst(tiny_bert, tmp_path):
 
 def test_a_far_off_calibration_text_is_warned_about(tiny_bert, tmp_path, monkeypatch):
     ck = planner.adapters.checkpoint.Checkpoint.open(tiny_bert)
-    monkeypatch.setattr(type(ck), "record", property(lambda self: {"calibration": {"path": None, "n": 64}}))
+    prose = {"calibration": {"path": None, "n": 64, "default": [data.CALIBRATION]}}   # the prose half only
+    monkeypatch.setattr(type(ck), "record", property(lambda self: prose))
     near = {"heldout": data.sample(data.read_lines(None, data.HELDOUT), 24, seed=1)}
     far = {"numbers": ["1 2 3 4 5 6 7 8 9 10 11 12 13", "14 15 16 17 18 19 20 21 22 23 24 25"] * 12}
     with pytest.warns(planner.errors.PlannerWarning, match="'numbers': only") as got:

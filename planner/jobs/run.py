@@ -81,6 +81,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     progress = not quiet
     ck = Checkpoint.open(model_path)
+    clock = _Clock()                              # wall time of each step of this run (a resumed step: its rest)
     pc = cfg.profile
     regime = "" if pc.mode == "prefill" else f"{pc.mode}-"
     prof_path = out / f"profile-{regime}b{pc.batch_size}-s{pc.seq_len}-{pc.dtype}.json"
@@ -92,6 +93,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
     prof = LatencyProfile.load(prof_path)
     _log(f"      {prof.conditions}; dense {prof.base['median']*1e3:.1f} ms, non-prunable {prof.constant*1e3:.2f} ms", quiet)
 
+    clock.lap("profile")
     _log(f"[2/4] plan: OBS database + DP for {', '.join(f'{t:g}x' for t in cfg.targets)}", quiet)
     plans = _planned(out / "plans", prof, cfg, ck)
     if plans is None:
@@ -101,6 +103,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         _log("      reusing the plans (their closed loop ran before)", quiet)
     _log(format_plan_table([p for p in plans if p.method == "planner"]), quiet)
 
+    clock.lap("plan")
     _log("[3/4] apply: stitch weights, shrink, save portable checkpoints", quiet)
     jobs = [(p, out / "models" / f"planner-{p.target_speedup:g}x", "obs", None) if p.method == "planner" else
             (p, out / "models" / f"magnitude-{p.target_speedup:g}x", "magnitude", "none") for p in plans]
@@ -111,6 +114,7 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         apply_stage.apply(ck, p, mdir, select=select, weights=weights, progress=progress, cfg=cfg.apply_config)
         _log(f"      {mdir.name}: written", quiet)
 
+    clock.lap("apply")
     _log(f"[4/4] verify: interleaved timing ({pc.mode}) and held-out quality", quiet)
     dense, rows = [None], []                    # the dense model, loaded once by the first verify that needs it
     for p, mdir, select, weights in jobs:
@@ -128,9 +132,10 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             rpath.unlink()                          # the model changed: measure it again
             rep = _verified(ck, mdir, rpath, cfg, prof, dense, progress)
         rows.append(result_row(p, rep))
+    clock.lap("verify")
     rcfg = cfg.recover_config
     if rcfg is not None:
-        _write_results(out, rows, prof, show=not quiet)   # the one-shot table, before any recovery starts
+        _write_results(out, rows, prof, show=not quiet, seconds=clock.seconds)   # the one-shot table first
         _log(f"[5/5] recover: {rcfg.minutes:g} min of distillation per planned model (early stop after "
              f"{rcfg.patience} evaluations without a {rcfg.min_delta:.1%} gain)", quiet)
         for p, mdir, _, _ in jobs:
@@ -143,20 +148,38 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
             rep = _verified(ck, rdir, out / "verify" / f"{rdir.name}.json", cfg, prof, dense, progress)
             rows.append({**result_row(p, rep), "method": "planner+recovery"})
         rows.sort(key=lambda r: (r["target"], r["method"]))
-    df = _write_results(out, rows, prof, show=True)
+        clock.lap("recover (and its verify)")
+    df = _write_results(out, rows, prof, show=True, seconds=clock.seconds)
+    _log("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in clock.seconds.items()) +
+         f"; total {sum(clock.seconds.values()) / 60:.1f} min", quiet)
     index = html.write(out, out / "report", progress=progress)
     _log(f"report: {index}", quiet)
     return df
 
 
-def _write_results(out: Path, rows: list[dict], prof: LatencyProfile, show: bool):
-    """results.md / results.json of the rows so far, and the table printed where `show`."""
+class _Clock:
+    """Wall seconds per named step, each lap from the end of the one before."""
+
+    def __init__(self):
+        import time
+        self._now, self.seconds = time.perf_counter, {}
+        self._t = self._now()
+
+    def lap(self, name: str) -> None:
+        t = self._now()
+        self.seconds[name] = round(t - self._t, 1)
+        self._t = t
+
+
+def _write_results(out: Path, rows: list[dict], prof: LatencyProfile, show: bool, seconds: dict | None = None):
+    """results.md / results.json of the rows so far (and the seconds each step of this run took), and the table
+    printed where `show`."""
     import pandas as pd  # loaded when a table is made: the CLI starts faster
     df = pd.DataFrame(rows)
     table = format_results(df, prof)
     with io.atomic_path(out / "results.md") as tmp:
         tmp.write_text(table + "\n")
-    io.write_json(out / "results.json", {"conditions": prof.conditions, "rows": rows})
+    io.write_json(out / "results.json", {"conditions": prof.conditions, "rows": rows, "seconds": seconds or {}})
     if show:
         print(table, flush=True)
     return df

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import hardware, io
+from .. import data, hardware, io
 from ..adapters.base import unit_indices
 from ..adapters.checkpoint import Checkpoint, is_planner_model, save_portable
 from ..algorithms import obs
@@ -309,7 +309,8 @@ def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None
     batches = None
     if weights == "sequential":                 # refit on the plan's own calibration text and settings
         batches, _ = calibration_batches(ck, calib_path or o.get("calib_path"), o.get("n_calib", d.n_calib),
-                                         o.get("calib_max_len", d.calib_max_len), o.get("calib_batch", d.calib_batch))
+                                         o.get("calib_max_len", d.calib_max_len), o.get("calib_batch", d.calib_batch),
+                                         default=o.get("calib_default", (data.CALIBRATION,)))   # older plans: one file
     model = ck.load("cpu" if cfg.offload else cfg.device)
     apply_(model, ck.adapter, p, select=select, weights=weights, db=db, batches=batches,
            damp=o.get("damp", d.damp), progress=progress, device=cfg.device, offload=cfg.offload,
@@ -319,7 +320,8 @@ def apply(ck: Checkpoint, p: Plan, out_dir, calib_path=None, weights: str | None
               "select": select, "profile": {k: p.profile.get(k) for k in
               ("batch_size", "seq_len", "dtype", "mode", "decode_steps")} | {"hardware": p.profile.get("hardware", {}).get("key")},
               "source": p.model, "origin": ck.origin or ck.fingerprint,   # the dense ancestor (gradual: not the source)
-              "calibration": {"path": o.get("calib_path"), "n": o.get("n_calib", d.n_calib)}, **_loop_record(p)}
+              "calibration": {"path": o.get("calib_path"), "n": o.get("n_calib", d.n_calib),
+                              "default": o.get("calib_default", [data.CALIBRATION])}, **_loop_record(p)}
     save_portable(model, ck.adapter, ck.path, out_dir, {"planner": record})
     return Path(out_dir), model
 

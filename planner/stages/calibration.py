@@ -15,11 +15,12 @@ from torch import nn
 from .. import data, io
 
 
-def calibration_batches(ck, calib_path, n: int, max_len: int, batch_size: int) -> tuple[list[dict], str]:
-    """(batches, hash): n passages of the calibration text as padded batches (encoders) or, for causal LMs, cut
-    into token windows of max_len (no padding), and a hash identifying them. `ck`: the Checkpoint whose
-    tokenizer and vocabulary they are made for."""
-    texts = data.sample(data.read_lines(calib_path, data.CALIBRATION, "calibration file"), n)
+def calibration_batches(ck, calib_path, n: int, max_len: int, batch_size: int,
+                        default: tuple[str, ...] = data.DEFAULT_CALIBRATION) -> tuple[list[dict], str]:
+    """(batches, hash): n passages of the calibration text (`calib_path`, else the shipped files `default`) as
+    padded batches (encoders) or, for causal LMs, cut into token windows of max_len (no padding), and a hash
+    identifying them. `ck`: the Checkpoint whose tokenizer and vocabulary they are made for."""
+    texts = data.sample(data.read_lines(calib_path, tuple(default), "calibration file"), n)
     tok, vocab = ck.tokenizer, ck.config.get("vocab_size")
     if ck.causal_lm:
         return (data.window_batches(tok, texts, max_len, batch_size, vocab),

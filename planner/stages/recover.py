@@ -28,13 +28,12 @@ from .distill import DistillData, Special, WindowData, distill_, pad, split_pass
 def _training_text(tokenizer, cfg, vocab_size: int, truncate: bool = True):
     """(passage token ids without special tokens, labels or None, special ids, vocabulary pool, text hash).
     truncate: cut each passage to one training sequence (encoders); causal LMs join passages into windows."""
-    if cfg.data_path and Path(cfg.data_path).resolve() == data.shipped(data.HELDOUT).resolve():
-        raise PlannerError("the training text is the shipped held-out text that verify scores on: "
-                           "train on other text (default: the calibration corpus)")
-    # default: the calibration corpus and the distillation corpus (1350 passages alone were seen 40-50 times in
-    # a 10-minute run; with 3951 more, nearest-neighbour agreement at 2x went from 0.697 to 0.760)
-    lines = data.read_lines(cfg.data_path, data.CALIBRATION, "training text file") + \
-        (data.read_lines(None, data.DISTILL) if cfg.data_path is None else [])
+    if cfg.data_path and Path(cfg.data_path).resolve() in {p.resolve() for p in data.heldout_sets().values()}:
+        raise PlannerError("the training text is a shipped held-out set that verify scores on: "
+                           "train on other text (default: the shipped calibration and distillation text)")
+    # default: the calibration text and the distillation text, prose and docstrings (1350 passages alone were seen
+    # 40-50 times in a 10-minute run; with 3951 more, nearest-neighbour agreement at 2x went from 0.697 to 0.760)
+    lines = data.read_lines(cfg.data_path, data.DEFAULT_TRAINING, "training text file")
     labels = None
     if cfg.task_weight:
         parts = [l.rsplit("\t", 1) for l in lines]

@@ -199,7 +199,7 @@ def _warn_far_from_calibration(ck: Checkpoint, sets: dict[str, list[str]]) -> No
     cal = ck.record.get("calibration")
     if not cal:
         return
-    ref = data.sample(data.read_lines(cal.get("path"), data.CALIBRATION, "calibration file"), cal.get("n") or 1024)
+    ref = data.sample(data.read_lines(cal.get("path"), tuple(cal.get("default") or data.DEFAULT_CALIBRATION), "calibration file"), cal.get("n") or 1024)
     for name, texts in sets.items():
         cov = data.token_coverage(ck.tokenizer, ref, texts)
         if cov < FAR_COVERAGE:
