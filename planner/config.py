@@ -240,7 +240,7 @@ class RecoverConfig(_Config):
     batch_size: int = opt(16, "passages per micro-batch (small batches: more updates per minute)", short="-b")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     max_len: int = opt(128, "tokens per (augmented) training sequence")
-    lr: float = opt(1e-3, "AdamW peak learning rate")
+    lr: float = opt(3e-4, "AdamW peak learning rate")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and norms)")
     warmup: float = opt(0.05, "share of the steps with linearly rising learning rate; then linear decay to 0")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)")
