@@ -65,6 +65,21 @@ def _sentences(text: str) -> list[str]:
     return out
 
 
+def docstring_sentences(path: Path) -> list[str]:
+    """Sentences of every docstring (module, class, function) in the Python file `path`; none if it does not parse."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                out += _sentences(doc)
+    return out
+
+
 def stdlib_docstrings() -> list[str]:
     """Sentences of every docstring in the standard library's own .py files (no tests, no IDLE, no lib2to3)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -74,15 +89,7 @@ def stdlib_docstrings() -> list[str]:
         if rel[0] in ("test", "idlelib", "lib2to3", "site-packages", "tkinter", "turtledemo", "ensurepip") or \
                 "tests" in rel:
             continue
-        try:
-            tree = ast.parse(p.read_text(encoding="utf-8", errors="ignore"))
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    out += _sentences(doc)
+        out += docstring_sentences(p)
     return out
 
 
@@ -112,15 +119,7 @@ def library_docstrings() -> tuple[list[str], dict[str, str]]:
         for p in sorted(root.rglob("*.py")):
             if {"tests", "test", "testing"} & set(p.relative_to(root).parts):
                 continue
-            try:
-                tree = ast.parse(p.read_text(encoding="utf-8", errors="ignore"))
-            except (SyntaxError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        got += _sentences(doc)
+            got += docstring_sentences(p)
         if got:
             out += got
             credits[md["Name"]] = PERMISSIVE.search(lic).group(1)
