@@ -246,3 +246,44 @@ def test_stream_refit_brings_the_residual_stream_closer(tmp_path):
                    progress=False, refit=refit)
         err[refit] = sum(float((o - r).pow(2).sum()) for o, r in zip(last_hidden(c), ref))
     assert err["stream"] < 0.9 * err["module"], err
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+@pytest.mark.parametrize("refit", ["module", "stream"])
+def test_dense_tape_gives_the_weights_of_rerunning_the_dense_block(tmp_path, model_type, refit):
+    """The sequential apply records the dense block's tensors in one run per block (the tape) instead of running
+    it again for every fit: the fitted weights are the same as with the tape off (tape_bytes=0), and a limit below
+    the tape's size falls back to re-running."""
+    import copy
+
+    from planner.stages.apply import _dense_points, _dense_tape, apply_
+    from planner.stages.calibration import BlockInputs
+    from planner.types import Plan
+    from .test_decoder_pipeline import make_tiny_llama
+    m, ad = load_model(make_tiny(tmp_path / "m") if model_type == "bert" else make_tiny_llama(tmp_path / "m"))
+    g = torch.Generator().manual_seed(4)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 7:] = 0                                                     # padding in the batches, as in real ones
+    batches = [{"input_ids": torch.randint(5, m.config.vocab_size, (4, 12), generator=g), "attention_mask": mask}
+               for _ in range(3)]
+    layers = [{"heads": max(1, s.heads // 2), "ffn": s.ffn // 4} for s in ad.spec(m)]
+    plan = Plan(method="planner", target_speedup=2.0, predicted_time=0.0, predicted_speedup=2.0, layers=layers,
+                base_time=1.0, total_error=0.0, profile={}, model={})
+    out = {}
+    for limit in (None, 0):
+        c = apply_(copy.deepcopy(m), ad, plan, select="magnitude", weights="sequential", batches=batches,
+                   progress=False, refit=refit, tape_bytes=limit)
+        out[limit] = c.state_dict()
+    assert out[None].keys() == out[0].keys()
+    for k in out[0]:
+        torch.testing.assert_close(out[None][k], out[0][k], rtol=0, atol=0)
+    block = ad.layers(m)[0]
+    pts = _dense_points(ad, block, refit)
+    # module: the two consumers' outputs; stream: also the producers' outputs (q, k, v / gate, up) and residuals
+    assert len(pts) == 2 if refit == "module" else len(pts) >= 2 + 2 + 2 * 2
+    if model_type == "bert":
+        inp = BlockInputs([torch.randn(4, 12, m.config.hidden_size)] * 2, [()] * 2, [{}] * 2, [mask.bool()] * 2)
+        tape, outs = _dense_tape(block, inp, pts, 1 << 30)
+        assert len(tape) == 2 and len(outs) == 2 and all(len(t) == len({(id(a), w) for a, w in pts}) for t in tape)
+        torch.testing.assert_close(outs[0], block_call(block, inp.hidden[0], (), {}))
+        assert _dense_tape(block, inp, pts, 1000) == (None, None)      # over the limit: nothing kept

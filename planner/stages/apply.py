@@ -72,12 +72,15 @@ def _check_plan(model, adapter, plan: Plan):
 @torch.no_grad()
 def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequential", db: Database | None = None,
            batches: list[dict] | None = None, damp: float = 0.01, progress: bool = True, device=None,
-           offload: bool = False, refit: str = "stream"):
+           offload: bool = False, refit: str = "stream", tape_bytes: int | None = None):
     """Shrink `model` in place to `plan`. Returns the model.
     refit: what the sequential refit matches, "stream" or "module" (module docstring).
     device: where the fits run (default: the model's). Without `offload` the model moves there; with it the model
     stays where it is (host memory) and each block visits `device` only while it is fitted (plus the layers
-    before the first block while the calibration inputs are captured)."""
+    before the first block while the calibration inputs are captured).
+    tape_bytes: the most the dense block's recorded tensors may take per block (default TAPE_BYTES; 0: never
+    record, re-run the dense block for each fit)."""
+    tape_bytes = TAPE_BYTES if tape_bytes is None else tape_bytes
     _check_plan(model, adapter, plan)
     blocks = adapter.layers(model)
     home = next(model.parameters()).device
@@ -108,24 +111,78 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
     for i in progress_bar(range(len(blocks)), desc="apply (sequential)", progress=progress, unit="block"):
         with visiting(blocks[i], dev, home) if offload else nullcontext(blocks[i]) as cblock:
             dblock = copy.deepcopy(cblock)                 # block i before it is shrunk: the dense reference, on dev
+            # the dense block's tensors every fit below reads, from one run of it (None: too large to keep; each
+            # fit then runs the dense block again, up to the point it needs)
+            tape, d_out = _dense_tape(dblock, d_in, _dense_points(adapter, dblock, refit), tape_bytes)
             for kind in KINDS:
                 stream = refit == "stream" and adapter.consumer(cblock, kind) is not None
                 if stream:
-                    _refit_producers(adapter, dblock, cblock, kind, d_in, c_in, damp)
+                    _refit_producers(adapter, dblock, cblock, kind, d_in, c_in, damp, tape)
 
                 def fit(lin, cols, kind=kind, stream=stream):
                     res = (adapter.residual_point(dblock, kind), adapter.residual_point(cblock, kind)) if stream \
                         else None
                     H_SS, WC_S, mean_diag = _cross_stats(adapter.consumer(dblock, kind), lin, dblock, cblock, d_in,
-                                                         c_in, cols, res)
+                                                         c_in, cols, res, tape)
                     return obs.reconstruct_cross_kept(lin.weight.detach(), H_SS, WC_S, obs.damping(mean_diag, damp),
                                                       cols)
                 _shrink(model, adapter, i, kind, _target(plan.layers[i], kind), select, db, fit)
                 _sparsify(adapter, cblock, i, kind, plan.layers[i], db, damp)
-            d_in = d_in.with_hidden(run_block(dblock, d_in))
+            d_in = d_in.with_hidden(d_out if d_out is not None else run_block(dblock, d_in))
             c_in = c_in.with_hidden(run_block(cblock, c_in))
-            dblock = None                                  # freed before the next block's copy is made
+            dblock = tape = d_out = None                   # freed before the next block's copy is made
     return model
+
+
+# The dense tape's limit per block. MiniLM at 2048 passages keeps ~0.9 GB (q/k/v, both consumers' outputs, both
+# residual points, the FFN's 1536-wide pre-activations; padded tokens) and saves four of the dense block's five
+# runs: its 2x apply went from 59 s to 40 s on 2 cores, the same weights bit for bit. Above the limit (large
+# models, many passages) each fit re-runs the dense block instead.
+TAPE_BYTES = 4 << 30
+
+
+def _producers(adapter, block, kind: str) -> list:
+    """Module `kind`'s producer linears in `block` that the stream refit fits (plain nn.Linear: not sparse
+    kernels): every linear slot but the consumer."""
+    return [getattr(*slot) for slot in adapter.linear_slots(block, kind)[:-1]]
+
+
+def _dense_points(adapter, dblock, refit: str) -> list[tuple]:
+    """(module, where) points of the dense block the sequential fits read: each present module's consumer output
+    and, for the stream refit, its producers' outputs and the residual point after it."""
+    pts = []
+    for kind in KINDS:
+        lin = adapter.consumer(dblock, kind)
+        if lin is None:
+            continue
+        pts.append((lin, "output"))
+        if refit == "stream":
+            pts += [(m, "output") for m in _producers(adapter, dblock, kind) if type(m) is torch.nn.Linear]
+            pts.append(adapter.residual_point(dblock, kind))
+    return pts
+
+
+def _dense_tape(dblock, d_in: BlockInputs, points: list[tuple], limit: int):
+    """(tape, outputs): tape[b][(id(module), where)] the tensor at each point on batch b (as the module gave it,
+    padded tokens included) and the block's outputs, from one run of the dense block; (None, None) when the tape
+    would exceed `limit` bytes (its size is the first batch's times the number of batches)."""
+    if limit <= 0:
+        return None, None
+    tape: list[dict] = []
+    cur: dict = {}
+    hs = [_hook_point(m, w, lambda t, k=(id(m), w): cur.__setitem__(k, t)) for m, w in points]
+    outs = []
+    try:
+        for b, (x, a, kw, mask) in enumerate(zip(d_in.hidden, d_in.args, d_in.kwargs, d_in.masks)):
+            outs.append(block_call(dblock, x, a, kw).to(mask.device))
+            tape.append(cur)
+            cur = {}
+            if b == 0 and sum(t.numel() * t.element_size() for t in tape[0].values()) * len(d_in.hidden) > limit:
+                return None, None
+    finally:
+        for h in hs:
+            h.remove()
+    return tape, outs
 
 
 def _sparsify(adapter, block, i, kind, plan_layer: dict, db: Database | None, damp: float):
@@ -167,28 +224,50 @@ def _hook_point(mod, where: str, fn):
     return mod.register_forward_hook(lambda m, a, y: fn(y[0] if isinstance(y, (tuple, list)) else y))
 
 
-def _both_blocks(dblock, cblock, d_in: BlockInputs, c_in: BlockInputs):
-    """For each calibration batch, run the dense block on the dense path's input and the compressed block on the
-    compressed path's, each until a hook raises _Captured (or to its end); yields the batch's token mask."""
-    for xd, xc, a, kw, mask in zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks):
-        for block, x_in in ((dblock, xd), (cblock, xc)):
+def _both_blocks(dblock, cblock, d_in: BlockInputs, c_in: BlockInputs, dense: list, dense_stop, tape=None):
+    """For each calibration batch, hand each dense point's tensor to its function (dense: [((module, where), fn)]
+    on dblock) and run the compressed block on the compressed path's input, until a hook raises _Captured (or to
+    its end); yields the batch's token mask. The dense tensors come from `tape` (_dense_tape) where given, else
+    from running the dense block on the dense path's input up to `dense_stop` (module, where)."""
+    hs = []
+    if tape is None:
+        hs = [_hook_point(m, w, fn) for (m, w), fn in dense]
+        hs.append(_hook_point(*dense_stop, _stop))
+    try:
+        for b, (xd, xc, a, kw, mask) in enumerate(zip(d_in.hidden, c_in.hidden, d_in.args, d_in.kwargs, d_in.masks)):
+            if tape is None:
+                try:
+                    block_call(dblock, xd, a, kw)
+                except _Captured:
+                    pass
+            else:
+                for (m, w), fn in dense:
+                    fn(tape[b][(id(m), w)])
             try:
-                block_call(block, x_in, a, kw)
+                block_call(cblock, xc, a, kw)
             except _Captured:
                 pass
-        yield mask
+            yield mask
+    finally:
+        for h in hs:
+            h.remove()
 
 
-def _refit_producers(adapter, dblock, cblock, kind: str, d_in: BlockInputs, c_in: BlockInputs, damp: float):
+def _stop(t):
+    raise _Captured
+
+
+def _refit_producers(adapter, dblock, cblock, kind: str, d_in: BlockInputs, c_in: BlockInputs, damp: float,
+                     tape=None):
     """Refit every row of module `kind`'s producer linears in cblock (all linear_slots but the consumer; before
     shrinking, so kept and dropped rows alike: each row's fit is independent of the others) so that, on the
     compressed path's inputs x̂, they give the dense block's outputs W x on the dense path's (before the
     nonlinearity): W' = (C + lam W)(H + lam I)^-1 with H = 2/n Σ x̂ x̂ᵀ (d_in, d_in), C = 2/n Σ W x x̂ᵀ
     (d_out, d_in); the damping pulls W' towards W. Producers that read the same tensor (q/k/v, gate/up) share one H.
-    Each block runs only up to its consumer. Linears of other types (sparse kernels) are left as they are."""
-    pairs = [(getattr(*d), getattr(*c)) for d, c in zip(adapter.linear_slots(dblock, kind)[:-1],
-                                                        adapter.linear_slots(cblock, kind)[:-1])]
-    pairs = [(dl, cl) for dl, cl in pairs if type(dl) is torch.nn.Linear and type(cl) is torch.nn.Linear]
+    The compressed block runs only up to its consumer; the dense outputs come from `tape` (or a run of the dense
+    block up to its consumer). Linears of other types (sparse kernels) are left as they are."""
+    pairs = [(dl, cl) for dl, cl in zip(_producers(adapter, dblock, kind), _producers(adapter, cblock, kind))
+             if type(dl) is torch.nn.Linear and type(cl) is torch.nn.Linear]
     if not pairs:
         return
     dev = pairs[0][1].weight.device
@@ -198,16 +277,14 @@ def _refit_producers(adapter, dblock, cblock, kind: str, d_in: BlockInputs, c_in
     C = [torch.zeros(cl.out_features, cl.in_features, dtype=torch.float64, device=dev) for _, cl in pairs]
     which = [0] * len(pairs)    # producer j's input -> H[which[j]]
 
-    def stop(m, a):
-        raise _Captured
-    hs = [adapter.consumer(dblock, kind).register_forward_pre_hook(stop),
-          adapter.consumer(cblock, kind).register_forward_pre_hook(stop)]
-    for j, (dl, cl) in enumerate(pairs):
-        hs.append(dl.register_forward_hook(lambda m, a, y, j=j: got.__setitem__(("y", j), y)))
-        hs.append(cl.register_forward_pre_hook(lambda m, a, j=j: got.__setitem__(("x", j), a[0])))
+    hs = [adapter.consumer(cblock, kind).register_forward_pre_hook(lambda m, a: _stop(a))]
+    hs += [cl.register_forward_pre_hook(lambda m, a, j=j: got.__setitem__(("x", j), a[0]))
+           for j, (_, cl) in enumerate(pairs)]
+    dense = [((dl, "output"), lambda t, j=j: got.__setitem__(("y", j), t)) for j, (dl, _) in enumerate(pairs)]
     n = 0
     try:
-        for b, mask in enumerate(_both_blocks(dblock, cblock, d_in, c_in)):
+        for b, mask in enumerate(_both_blocks(dblock, cblock, d_in, c_in, dense,
+                                              (adapter.consumer(dblock, kind), "input"), tape)):
             xs = {}
             for j, (dl, cl) in enumerate(pairs):
                 x = got[("x", j)]
@@ -238,7 +315,7 @@ def _refit_producers(adapter, dblock, cblock, kind: str, d_in: BlockInputs, c_in
 
 
 def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: BlockInputs, cols: torch.Tensor,
-                 residual=None):
+                 residual=None, tape=None):
     """The statistics `obs.reconstruct_cross_kept` needs, over real tokens: H_SS = 2/n Σ x̂_S x̂_Sᵀ (s, s),
     WC_S = 2/n Σ y x̂_Sᵀ (d_out, s) and the damping's mean diagonal of H_hat, with y the dense consumer's output
     and x̂ the compressed consumer's input (full width before shrinking), paired token by token; S = `cols`, the
@@ -246,7 +323,8 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
     only up to its consumer.
     residual: ((module, where) in dblock, (module, where) in cblock), the residual-stream points after the
     consumer (adapter.residual_point), or None. Given, y is the dense stream there minus the compressed path's
-    residual, s − (ŝ − ŷ) = W x + r − r̂, and the blocks run up to that point."""
+    residual, s − (ŝ − ŷ) = W x + r − r̂, and the blocks run up to that point.
+    tape: the dense block's tensors (_dense_tape); without it the dense block runs too."""
     d, dev = comp_lin.in_features, comp_lin.weight.device
     S = cols.to(dev)
     s = S.numel()
@@ -262,14 +340,16 @@ def _cross_stats(dense_lin, comp_lin, dblock, cblock, d_in: BlockInputs, c_in: B
             if stop:
                 raise _Captured
         return fn
-    stop_at_consumer = residual is None
-    hs = [dense_lin.register_forward_hook(lambda m, a, y, f=keep("y", stop_at_consumer): f(y)),
-          comp_lin.register_forward_pre_hook(lambda m, a, f=keep("xh", stop_at_consumer): f(a[0]))]
+    hs = [comp_lin.register_forward_pre_hook(lambda m, a, f=keep("xh", residual is None): f(a[0]))]
+    dense = [((dense_lin, "output"), keep("y", False))]
+    dense_stop = (dense_lin, "output")
     if residual is not None:
         hs.append(comp_lin.register_forward_hook(lambda m, a, y, f=keep("yh", False): f(y)))
-        hs += [_hook_point(mod, where, keep(key, True)) for (mod, where), key in zip(residual, ("s", "sh"))]
+        hs.append(_hook_point(*residual[1], keep("sh", True)))
+        dense.append((residual[0], keep("s", False)))
+        dense_stop = residual[0]
     try:
-        for mask in _both_blocks(dblock, cblock, d_in, c_in):
+        for mask in _both_blocks(dblock, cblock, d_in, c_in, dense, dense_stop, tape):
             y = real_tokens(got["y"], mask).to(dev, torch.float32)    # (tokens, d_out) = W x + b
             if residual is not None:                                  # W x + b + r − r̂, r̂ = ŝ − ŷ
                 s_d, s_c, y_c = (real_tokens(got[k], mask).to(dev, torch.float32) for k in ("s", "sh", "yh"))
