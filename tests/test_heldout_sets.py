@@ -65,3 +65,20 @@ def test_a_far_off_calibration_text_is_warned_about(tiny_bert, tmp_path, monkeyp
     with pytest.warns(planner.errors.PlannerWarning, match="'numbers': only") as got:
         verify_stage._warn_far_from_calibration(ck, {**near, **far})
     assert len(got) == 1
+
+
+def test_the_dense_embeddings_are_computed_once_per_dense_model(tiny_bert, monkeypatch):
+    """The job verifies many models against one dense model: its embeddings of a set are computed once and
+    reused (the same numbers), while every compressed model is embedded afresh."""
+    ck = planner.adapters.checkpoint.Checkpoint.open(tiny_bert)
+    dense, comp = ck.load("cpu"), ck.load("cpu")
+    calls = []
+    real = verify_stage.embeddings
+    monkeypatch.setattr(verify_stage, "embeddings", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    texts = data.sample(data.read_lines(None, data.HELDOUT), 16, seed=1)
+    cfg = VerifyConfig(n_text=16)
+    q1 = verify_stage.quality(dense, comp, ck.adapter, ck, texts, cfg, progress=False)
+    q2 = verify_stage.quality(dense, comp, ck.adapter, ck, texts, cfg, progress=False)
+    assert [m is dense for m in calls] == [True, False, False] and q1 == q2
+    verify_stage.quality(dense, comp, ck.adapter, ck, texts[:8], cfg, progress=False)     # other text: embedded
+    assert [m is dense for m in calls][3:] == [True, False]

@@ -240,8 +240,12 @@ def quality(dense, comp, adapter, ck: Checkpoint, texts: list[str], cfg: VerifyC
         q = lm_quality(dense, comp, tok, texts, cfg.ppl_window, device=cfg.device, progress=progress)
     else:
         max_len = min(128, adapter.max_positions(comp.config) or 128)
-        ed = embeddings(dense, adapter, tok, texts, max_len=max_len, device=cfg.device, progress=progress,
-                        desc=f"verify {desc}: dense")
+        key = (io.sha256_text(*texts), max_len)
+        cache = dense.__dict__.setdefault("_planner_embeddings", {})   # lives and dies with the dense model
+        if key not in cache:    # the job verifies up to nine models against one dense model: 7 s each on 2 cores
+            cache[key] = embeddings(dense, adapter, tok, texts, max_len=max_len, device=cfg.device,
+                                    progress=progress, desc=f"verify {desc}: dense")
+        ed = cache[key]
         ec = embeddings(comp, adapter, tok, texts, max_len=max_len, device=cfg.device, progress=progress,
                         desc=f"verify {desc}: compressed")
         q = similarity_quality(ed, ec)
