@@ -20,7 +20,7 @@ from pathlib import Path
 import tinylm
 import torch
 
-from planner.config import PlanConfig, ProfileConfig, VerifyConfig
+from planner.config import PlanConfig, ProfileConfig, RecoverConfig, VerifyConfig
 from planner.jobs import run as pipeline
 from planner.stages.profile import default_profile_path
 from planner.types import LatencyProfile
@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--save-profiles", type=Path, default=None, help="also copy the profiles under this root")
     ap.add_argument("--n-calib", type=int, default=1024, help="generated calibration passages")
     ap.add_argument("--n-text", type=int, default=512, help="held-out generated passages for perplexity")
+    ap.add_argument("--recover-minutes", type=float, default=0.0,
+                    help="distillation per planned model, on the generated calibration text (default 0: one-shot)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = a.model or tinylm.ensure()
@@ -58,7 +60,8 @@ def main():
             targets=tuple(a.targets),
             profile=ProfileConfig(batch_size=a.batch, seq_len=a.seq, mode=mode, threads=a.threads, rounds=a.rounds),
             plan=PlanConfig(targets=tuple(a.targets), calib_path=str(calib), n_calib=a.n_calib),
-            verify=VerifyConfig(reps=a.reps, threads=a.threads, text_path=str(heldout), n_text=a.n_text))
+            verify=VerifyConfig(reps=a.reps, threads=a.threads, text_path=str(heldout), n_text=a.n_text),
+            recover=RecoverConfig(data_path=str(calib)), recover_minutes=a.recover_minutes)
         print(f"\n## {mode}: batch {a.batch}, {'prompt' if mode == 'prefill' else 'KV cache'} {a.seq} tokens")
         df = pipeline.run(model, a.work / mode, cfg, quiet=True)
         prof_path = next((a.work / mode).glob("profile-*.json"))

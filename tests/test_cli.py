@@ -41,6 +41,9 @@ def test_end_to_end(tiny_bert, profiled, calib_file, heldout_file, tmp_path):
     assert prof.times("attn").widths == [0, 1, 2, 3, 4]
     assert prof.times("ffn").widths == [0, 32, 64, 96, 128]
     assert prof.base["median"] > 0 and prof.hardware["threads"] == 1
+    from planner.stages.profile import NOISE_PAIRS
+    noise = prof.base["noise"]                       # the machine's noise: one round's pair plus its own pairs
+    assert noise["pairs"] == 1 * 1 * (1 + noise["extra_rounds"]) + NOISE_PAIRS and noise["halfwidth"] >= 0
     assert 0 < prof.floor < prof.base["median"]           # the all-removed model was timed and bounds the speedup
     assert prof.max_speedup() <= prof.base["median"] / prof.floor
     for k in ("attn", "ffn"):                         # the de-noised curve the solver uses: monotone, 0 at removal

@@ -40,6 +40,10 @@ from . import regimes
 
 VARIANT_CACHE_BYTES = 4 << 30          # keep built variants up to this many parameter bytes, else rebuild per use
 EXTRA_SHARE = 1.0                      # repeats of noisy variants: at most this share of the fixed rounds' time
+# The machine's noise (the dense model against a copy of itself) gets this many more pairs: at one pair per round
+# its 95% interval from the rounds alone is the range of ~7 single calls (median_ci); one slow call put it at
+# +-25.7% where the next run's 23 pairs gave +-6.5% (MiniLM, 2-core EPYC, batch 8 x 128, reps 1)
+NOISE_PAIRS = 16
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -213,7 +217,7 @@ def _forward(model, adapter, cfg):
 
 
 def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile", reps: int | None = None,
-                   anchors: tuple = ()):
+                   anchors: tuple = (), more: dict | None = None):
     """Time each variant (key -> per-layer specs) against the dense model, interleaved as `verify` does.
 
     Variants are built once and kept (when they fit in VARIANT_CACHE_BYTES), so every timing sees a long-lived
@@ -224,10 +228,12 @@ def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"
     them where a difference would keep their noise. After cfg.rounds, variants whose ratio is not yet known to
     +-cfg.noise_bound (95% interval of the median per-pair ratio) get more rounds, with the `anchors` (the
     variants others are measured against), until they are or cfg.extra_minutes run out.
+    `more`: {key: pairs} timed last for those variants (their Ratio, not their per-round ratios).
     `reps`: ABBA pairs per variant and round (default cfg.reps). Returns ({key: [variant / dense time, one per
     round]}, [dense times], {key: Ratio of all its pairs}, extra rounds run).
     """
     keys = list(variants)
+    more = more or {}
     # a variant shares the embedding table; its blocks are at most the dense blocks' size
     block_bytes = sum(p.numel() * p.element_size() for l in adapter.layers(model) for p in l.parameters())
     keep = block_bytes * len(keys) <= VARIANT_CACHE_BYTES
@@ -276,6 +282,12 @@ def _time_variants(model, adapter, variants: dict, cfg, progress, desc="profile"
         one_round(cfg.rounds + extra, todo, bar)
         bar.close()
         extra += 1
+    for k in more:              # ratios known better than the rounds give: more pairs, in one run of their own
+        if k in variants:
+            td, tv = abba(fd, get(k), more[k], cfg.device)
+            pairs[k][0].extend(td)
+            pairs[k][1].extend(tv)
+            bases.extend(td)
     return ratios, bases, {k: ratio_of(*pairs[k]) for k in keys}, extra
 
 
@@ -290,7 +302,7 @@ def _profile_in_model(model, adapter, grids, dense, mixed, cfg, progress, sparse
     variants[("null", 0)] = _uniform(shape, "all", -1)
     variants.update({("mix", i): m for i, m in enumerate(mixed)})
     ratios, bases, est, extra = _time_variants(model, adapter, variants, cfg, progress,
-                                               anchors=tuple((k, 0) for k in KINDS))
+                                               anchors=tuple((k, 0) for k in KINDS), more={("null", 0): NOISE_PAIRS})
     # ("sparse", kind, level, kernel): every block's `kind` at full width with its linears on a sparse kernel.
     # Timed in a phase of their own, once the structured variants are freed. Timed among ~60 live variants,
     # a 95%-sparse CSR FFN came out at 61% of the dense FFN and every-FFN-sparse models ran 18% faster than
