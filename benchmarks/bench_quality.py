@@ -169,7 +169,8 @@ def main():
         ap.error("--sources-only needs --profile")
     rows, times = part1(a, model, a.work) if not a.sources_only else ([], {})
     text = (f"Conditions: all-MiniLM-L6-v2, batch 8 x 128, {a.threads} threads, torch {torch.__version__}; held-out "
-            f"sets: {', '.join(SETS)} (512 passages each); job times {json.dumps({k: round(v) for k, v in times.items()})}"
+            f"sets: {', '.join(SETS)} (512 passages each)" +
+            (f"; job times {json.dumps({k: round(v) for k, v in times.items()})}" if times else "") +
             "\n\n" + (pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f") if rows else ""))
     src = part2(a, model, a.work) if a.sources or a.sources_only else []
     if src:

@@ -287,3 +287,9 @@ def test_dense_tape_gives_the_weights_of_rerunning_the_dense_block(tmp_path, mod
         assert len(tape) == 2 and len(outs) == 2 and all(len(t) == len({(id(a), w) for a, w in pts}) for t in tape)
         torch.testing.assert_close(outs[0], block_call(block, inp.hidden[0], (), {}))
         assert _dense_tape(block, inp, pts, 1000) == (None, None)      # over the limit: nothing kept
+        # batches sorted by length: a short first batch must not stand for the long ones
+        short, long_ = torch.randn(4, 2, m.config.hidden_size), torch.randn(4, 12, m.config.hidden_size)
+        ragged = BlockInputs([short, long_], [()] * 2, [{}] * 2, [torch.ones(4, 2, dtype=torch.bool), mask.bool()])
+        first = sum(t.numel() * t.element_size() for t in _dense_tape(block, ragged, pts, 1 << 30)[0][0].values())
+        assert _dense_tape(block, ragged, pts, 3 * first)[0] is None             # 2 x first would pass, 7 x is real
+        assert _dense_tape(block, ragged, pts, 7 * first)[0] is not None

@@ -165,7 +165,8 @@ def _dense_points(adapter, dblock, refit: str) -> list[tuple]:
 def _dense_tape(dblock, d_in: BlockInputs, points: list[tuple], limit: int):
     """(tape, outputs): tape[b][(id(module), where)] the tensor at each point on batch b (as the module gave it,
     padded tokens included) and the block's outputs, from one run of the dense block; (None, None) when the tape
-    would exceed `limit` bytes (its size is the first batch's times the number of batches)."""
+    would exceed `limit` bytes (known after the first batch: its bytes per padded token times all batches' tokens;
+    batches are sorted by length, so the first batch's share is not the tape's)."""
     if limit <= 0:
         return None, None
     tape: list[dict] = []
@@ -177,8 +178,10 @@ def _dense_tape(dblock, d_in: BlockInputs, points: list[tuple], limit: int):
             outs.append(block_call(dblock, x, a, kw).to(mask.device))
             tape.append(cur)
             cur = {}
-            if b == 0 and sum(t.numel() * t.element_size() for t in tape[0].values()) * len(d_in.hidden) > limit:
-                return None, None
+            if b == 0:          # every recorded tensor is (tokens, width): bytes per padded token x all of them
+                per_token = sum(t.numel() * t.element_size() for t in tape[0].values()) / mask.numel()
+                if per_token * sum(m.numel() for m in d_in.masks) > limit:
+                    return None, None
     finally:
         for h in hs:
             h.remove()
