@@ -136,14 +136,14 @@ def apply_(model, adapter, plan: Plan, select: str = "obs", weights: str = "sequ
 
 # The dense tape's limit per block. MiniLM at 2048 passages keeps ~0.9 GB (q/k/v, both consumers' outputs, both
 # residual points, the FFN's 1536-wide pre-activations; padded tokens) and saves four of the dense block's five
-# runs: its 2x apply went from 59 s to 40 s on 2 cores, the same weights bit for bit. Above the limit (large
-# models, many passages) each fit re-runs the dense block instead.
+# runs: apply 1.41x faster on 2 cores, the same weights bit for bit (benchmarks/bench_apply.py). Above the limit
+# (large models, many passages) each fit re-runs the dense block instead.
 TAPE_BYTES = 4 << 30
 
 
 def _producers(adapter, block, kind: str) -> list:
-    """Module `kind`'s producer linears in `block` that the stream refit fits (plain nn.Linear: not sparse
-    kernels): every linear slot but the consumer."""
+    """Module `kind`'s producer linears in `block`: every linear slot but the consumer (of any type; the stream
+    refit fits and records only the plain nn.Linear ones, not sparse kernels)."""
     return [getattr(*slot) for slot in adapter.linear_slots(block, kind)[:-1]]
 
 
