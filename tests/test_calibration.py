@@ -259,6 +259,7 @@ def test_dense_tape_gives_the_weights_of_rerunning_the_dense_block(tmp_path, mod
     from planner.stages.apply import _dense_points, _dense_tape, apply_
     from planner.stages.calibration import BlockInputs
     from planner.types import Plan
+
     from .test_decoder_pipeline import make_tiny_llama
     m, ad = load_model(make_tiny(tmp_path / "m") if model_type == "bert" else make_tiny_llama(tmp_path / "m"))
     g = torch.Generator().manual_seed(4)
