@@ -254,6 +254,8 @@ class RecoverConfig(_Config):
     temperature: float = opt(2.0, "temperature of the logit KL")
     concat: float = opt(0.5, "share of training sequences made of two passages joined (encoders)")
     substitute: float = opt(0.1, "share of tokens replaced by random vocabulary pieces")
+    plain_epochs: int = opt(5, "epochs of the passages as they are before the joined and substituted variants "
+                            "start (encoders; the default covers a 10-minute run on the shipped text)")
     val_fraction: float = opt(0.1, "passages held back for evaluation and early stopping")
     eval_every: int = opt(200, "optimizer steps between evaluations")
     patience: int = opt(3, "evaluations without an improvement of --min-delta before stopping early (0: never)")
@@ -284,6 +286,7 @@ class RecoverConfig(_Config):
                "--hidden-weight, --logit-weight, --embed-weight and --task-weight must be >= 0, one of them > 0")
         _check(self.temperature > 0, "--temperature must be > 0")
         _check(0 <= self.concat <= 1 and 0 <= self.substitute < 1, "--concat in [0, 1], --substitute in [0, 1)")
+        _check(self.plain_epochs >= 0, "--plain-epochs must be >= 0")
         _check(0 < self.val_fraction < 0.9, "--val-fraction must be in (0, 0.9)")
         _check(self.eval_every >= 1 and self.ckpt_every >= 1, "--eval-every and --ckpt-every must be >= 1")
         _check(self.patience >= 0 and 0 <= self.min_delta < 1, "--patience >= 0, --min-delta in [0, 1)")

@@ -1,6 +1,7 @@
 """Recovery by distillation: the losses against hand-computed references, the loop on a tiny model, resume
 after an interruption, the architecture left alone, and bad input through the CLI."""
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,24 @@ def test_training_data_is_a_function_of_the_index():
     assert not torch.equal(a.batch(0)["input_ids"], a.batch(a.n_per_epoch)["input_ids"])   # next epoch reshuffles
 
 
+def test_plain_epochs_show_the_passages_as_they_are_first():
+    ids = [list(range(10 + i, 20 + i)) for i in range(40)]
+    d = R.DistillData(ids, R.Special(1, 2, 0), np.arange(100, 200), 8, 32, concat=0.5, substitute=0.2, seed=3,
+                      labels=list(range(40)), plain_epochs=1)
+
+    def epoch(e):
+        return [d.batch(e * d.n_per_epoch + m) for m in range(d.n_per_epoch)]
+
+    first = epoch(0)                                                 # every passage once, unaltered, labelled
+    got = sorted(tuple(x["input_ids"][r, 1:int(x["attention_mask"][r].sum()) - 1].tolist())
+                 for x in first for r in range(len(x["input_ids"])))
+    assert got == sorted(map(tuple, ids))
+    assert all((x["labels"] >= 0).all() for x in first)
+    second = epoch(1)                                                # then the variants start
+    assert any((x["labels"] == -100).any() for x in second)
+    assert any(((x["input_ids"] >= 100) & (x["input_ids"] < 200)).any() for x in second)
+
+
 # ------------------------------------------------------------------------------------------------- loop
 
 @pytest.fixture(scope="module")
@@ -254,6 +273,27 @@ def test_time_budget_fixes_the_step_count(student, tiny_bert, train_file, tmp_pa
     rep = planner.recover(student, tiny_bert, cfg, out=tmp_path / "r", progress=False)
     assert rep.total_steps >= 1 and rep.steps <= rep.total_steps
     assert rep.stop in ("schedule", "time-budget") and rep.train_time < 3 * 0.05 * 60
+
+
+def test_time_budget_follows_the_pace(student, tiny_bert, train_file, tmp_path, monkeypatch):
+    """The first training passes (the ones the first estimate of the step count is timed on) are slow, as a
+    machine's first calls can be, the rest fast: the step count follows the pace, so the budget is used and the
+    learning rate has annealed at its end. (Planned from the first estimate alone, the run stopped early.)"""
+    from planner.adapters.checkpoint import Checkpoint
+    cls = type(Checkpoint.open(student).adapter)
+    orig, slow = cls.distill_outputs, [5]
+
+    def slow_start(self, model, ids, mask):
+        if torch.is_grad_enabled() and slow[0] > 0:                 # a training pass of the student
+            slow[0] -= 1
+            time.sleep(0.15)
+        return orig(self, model, ids, mask)
+
+    monkeypatch.setattr(cls, "distill_outputs", slow_start)
+    cfg = RecoverConfig(data_path=str(train_file), **{**FAST, "minutes": 0.05, "eval_every": 1000})
+    rep = planner.recover(student, tiny_bert, cfg, out=tmp_path / "r", progress=False)
+    assert slow[0] == 0 and rep.train_time > 0.8 * 0.05 * 60
+    assert rep.history[-1]["lr"] < 0.2 * FAST["lr"]
 
 
 def test_early_stopping_keeps_the_best(student, tiny_bert, train_file, tmp_path):

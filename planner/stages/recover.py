@@ -129,7 +129,8 @@ def _recover(student_ck, teacher_ck, cfg, out, progress, callback, t_start):
         train, val = _lm_training_windows(ids, tr, va, tok, pool, cfg)
     else:
         train = DistillData([ids[i] for i in tr], special, pool, cfg.batch_size, cfg.max_len, cfg.concat,
-                            cfg.substitute, cfg.seed, [labels[i] for i in tr] if labels else None)
+                            cfg.substitute, cfg.seed, [labels[i] for i in tr] if labels else None,
+                            plain_epochs=cfg.plain_epochs)
         val_ids = sorted(va, key=lambda i: len(ids[i]))              # length-sorted: little padding
         val = [pad([[special.cls, *ids[i], special.sep] for i in val_ids[s:s + cfg.batch_size]], special.pad,
                    [labels[i] for i in val_ids[s:s + cfg.batch_size]] if labels else None)
