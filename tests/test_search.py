@@ -74,6 +74,25 @@ def test_the_top_fidelity_goes_to_survivors_only():
     assert calls[1] <= 1 + 2 * res.generations and calls[0] >= 3 * (calls[1] - 1)   # 8 cheap, 2 costly a gen
 
 
+def test_no_generation_starts_that_the_time_left_cannot_finish(monkeypatch):
+    """Every evaluation costs 1 s of a fake clock, the budget is 25 s: generation 1 (8 cheap + 2 costly) ends at
+    11 s, generation 2 at 21 s; a third would end past 25 s, so it is not begun (it would score cheap mutants
+    whose survivors the budget cannot score)."""
+    import planner.algorithms.search as S
+    times, budget, start, loss = _toy(2)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(S.time, "perf_counter", lambda: clock["t"])
+    fids = []
+
+    def slow(cand, fid):
+        clock["t"] += 1.0
+        fids.append(fid)
+        return loss(cand, fid)
+    res = evolve(start, times, budget, slow, offspring=8, survivors=2, seconds=25, progress=False)
+    assert res.generations == 2 and len(fids) == 1 + 2 * 10
+    assert fids[-1] == 1                                            # it ended on a survivor's score
+
+
 def test_resume_replays_to_the_same_result():
     times, budget, start, loss = _toy(3)
     full = evolve(start, times, budget, loss, max_candidates=50, progress=False)
