@@ -332,6 +332,8 @@ def test_cli_bad_input(student, tiny_bert, train_file, tmp_path):
     empty.write_text("\n \n")
     _err(["recover", student, "--teacher", tiny_bert, "--data", empty, "--steps", 2, "--out", tmp_path / "o"], "empty")
     _err(["recover", student, "--teacher", tiny_bert, *base, "--lr", 0, "--out", tmp_path / "o"], "--lr must be > 0")
+    _err(["recover", student, "--teacher", tiny_bert, *base, "--plain-epochs", -1, "--out", tmp_path / "o"],
+         "--plain-epochs must be >= 0")
     _err(["recover", student, "--teacher", tiny_bert, *base, "--out", student], "new directory")
     heldout = Path(planner.__file__).parent / "data" / "heldout.txt"
     _err(["recover", student, "--teacher", tiny_bert, "--data", heldout, "--steps", 2, "--out", tmp_path / "o"],
