@@ -16,8 +16,9 @@ Losses (pure tensor functions; they know no model):
 Training data (`DistillData`): the passages as they are for the first `plain_epochs` epochs, then also new
 sequences made from them (two passages joined; a share of tokens swapped for random vocabulary pieces).
 Token-level distillation needs no labels, so any input the teacher can be run on is a training example; the
-variants show the student token contexts and vocabulary that a small corpus lacks, once its passages repeat. Causal LMs (`WindowData`) train on fixed token windows cut from the joined text, as
-they calibrate and are scored, from a new offset every epoch. Every micro-batch is a pure function of (seed,
+variants show the student token contexts and vocabulary that a small corpus lacks, once its passages repeat.
+Causal LMs (`WindowData`) train on fixed token windows cut from the joined text, as they calibrate and are
+scored, from a new offset every epoch. Every micro-batch is a pure function of (seed,
 its index), so the data position of a resumed run is just its step.
 
 The loop (`distill_`): AdamW (no decay on biases and norms), linear warm-up then linear decay over a fixed
@@ -115,8 +116,8 @@ class DistillData:
     random pieces of `vocab` (ids the tokenizer can produce). The variants are there to make passages that
     repeat many times new (a small corpus, a long run); until then they only move the inputs away from the
     text: 10 minutes on the default encoder's 2x model (5.2 epochs of the shipped training text) kept 0.859
-    worst-set Spearman with every sequence plain, 0.851 with variants from the start. Sequences are made `chunk` batches at
-    a time, sorted by length and cut into batches (in shuffled order), so that padding stays small.
+    worst-set Spearman with every sequence plain, 0.851 with variants from the start. Sequences are made `chunk`
+    batches at a time, sorted by length and cut into batches (in shuffled order), so that padding stays small.
     Labels (when given) are kept only on sequences left as they were; the others get -100.
     """
 
@@ -465,7 +466,8 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
                     "version": CKPT_VERSION, "identity": identity, "step": step, "total": total,
                     "elapsed": clock.elapsed, "student": student.state_dict(), "optimizer": opt.state_dict(),
                     "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None, "history": history, "best": best, "bad_evals": bad, "stop": stop})
+                    "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                    "history": history, "best": best, "bad_evals": bad, "stop": stop})
                 clock.start()
     finally:
         clock.stop()
