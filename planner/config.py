@@ -58,7 +58,8 @@ class ProfileConfig(_Config):
     warmup: int = opt(1, "untimed calls before timing each model")
     # 1 (was 2): the default encoder's profile took 2.8 min instead of 6.0 on 2 cores, and the main job's plans
     # still measured within 3% of their predictions (the de-noised curves pool neighbouring widths; the closed
-    # loop measures every plan): +0.7/+1.6/-2.9% and +2.6/+3.0/+1.8% at 1.5x/2x/3x in two runs, +0.4/-1.6/-1.6% at 2
+    # loop measures every plan): +0.7/+1.6/-2.9% and +2.6/+3.0/+1.8% at 1.5x/2x/3x in two runs, against
+    # +0.4/-1.6/-1.6% at 2 pairs
     reps: int = opt(1, "dense/variant pairs per variant and round, in alternating order (--method module: calls)")
     rounds: int = opt(4, "interleaved rounds over all options (drift hits every option alike)")
     smooth: int = opt(4, "de-noise module time curves over +-N grid points (FFN; <= 2 for heads); 0: as measured")
@@ -257,7 +258,7 @@ class RecoverConfig(_Config):
     concat: float = opt(0.5, "share of training sequences made of two passages joined (encoders)")
     substitute: float = opt(0.1, "share of tokens replaced by random vocabulary pieces")
     plain_epochs: int = opt(5, "epochs of the passages as they are before the joined and substituted variants "
-                            "start (encoders; the default covers a 10-minute run on the shipped text)")
+                            "start (encoders; a 10-minute run on 2 cores makes about 5 of the shipped text)")
     val_fraction: float = opt(0.1, "passages held back for evaluation and early stopping")
     eval_every: int = opt(200, "optimizer steps between evaluations")
     patience: int = opt(3, "evaluations without an improvement of --min-delta before stopping early (0: never)")
