@@ -85,6 +85,17 @@ def test_uniform_plan_never_removes_everything():
         uniform_plan(p, 1e6, 2)
 
 
+def test_uniform_plan_priced_at_the_timed_floor():
+    # constant 0, a timed floor, and module times that only fall at width 0: removing everything is the one
+    # uniform plan that reaches 5x, priced at the floor (10 / 0.5), as max_speedup prices the DP's reach
+    flat = {"attn": {"widths": [0, 1, 2, 3, 4], "median": [0, 2.0, 2.0, 2.0, 2.0], "spread": [0] * 5},
+            "ffn": {"widths": [0, 64, 128], "median": [0, 2.0, 2.0], "spread": [0] * 3}}
+    p = _profile(constant=0.0, floor=0.5, modules=flat)
+    u = uniform_plan(p, 5.0, 2)
+    assert {(l["heads"], l["ffn"]) for l in u.layers} == {(0, 0)}
+    assert u.predicted_speedup == pytest.approx(p.max_speedup()) == pytest.approx(20.0)
+
+
 def test_model_curve_is_the_solvers_view():
     p = _profile(modules={"attn": {"widths": [0, 1, 2], "median": [0, 3.0, 2.0], "spread": [0] * 3,
                                    "model": [0, 2.4, 2.5]},
