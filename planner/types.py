@@ -151,7 +151,9 @@ class LatencyProfile(_JSON):
         return ArchShape(**{k: v for k, v in self.shape.items() if k != "key"})
 
     def predict(self, layers: list[dict]) -> float:
-        """Predicted seconds of a model whose layer i keeps layers[i]['heads'] heads and ['ffn'] neurons."""
+        """Predicted seconds of a model whose layer i keeps layers[i]['heads'] heads and ['ffn'] neurons: the
+        constant plus its module times, never less than the timed all-removed model (`floor`, as max_speedup
+        bounds the reach; the constant can come out 0, and a plan keeping nothing then "took" 0 s)."""
         t = self.constant
         for spec in layers:
             for kind, key in (("attn", "heads"), ("ffn", "ffn")):
@@ -161,7 +163,7 @@ class LatencyProfile(_JSON):
                     raise PlannerError(f"the profile has no {kind} timing at sparsity {lv:g}: profile with "
                                        f"--sparsity {lv:g}")
                 t += st if lv else self.times(kind).time_at(spec[key])
-        return t
+        return max(t, self.floor)
 
     def min_module_time(self, structured: bool = True) -> float:
         """Seconds of every block's modules at their fastest option: any timed width (structured) or only the full

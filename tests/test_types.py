@@ -94,6 +94,7 @@ def test_uniform_plan_priced_at_the_timed_floor():
     u = uniform_plan(p, 5.0, 2)
     assert {(l["heads"], l["ffn"]) for l in u.layers} == {(0, 0)}
     assert u.predicted_speedup == pytest.approx(p.max_speedup()) == pytest.approx(20.0)
+    assert p.predict(u.layers) == pytest.approx(0.5)                 # what verify predicts for it: not 0 s
 
 
 def test_model_curve_is_the_solvers_view():

@@ -124,10 +124,10 @@ def uniform_plan(prof: LatencyProfile, target: float, n_layers: int, model_info=
     for frac in np.linspace(1.0, 0.0, 401):
         k = int(round(frac * H))
         w = min(F.widths, key=lambda x: abs(x - frac * D))
-        # never faster than the timed all-removed model, as max_speedup prices the DP's reach: with the constant
-        # at 0 (noise-level on a tiny model) a plan keeping next to nothing was skipped as "0 s" and the
-        # baseline called unreachable where the DP reached 7x (the quickstart notebook, 2 of 5 CI runs)
-        pred = max(prof.constant + n_layers * (A.time_at(k) + F.time_at(w)), prof.floor)
+        # priced as every plan is (LatencyProfile.predict: never below the timed all-removed model); its own
+        # sum without that floor skipped a plan keeping next to nothing as "0 s" and called the baseline
+        # unreachable where the DP reached 7x (a tiny model's constant at 0: the quickstart notebook, 2 of 5 CI runs)
+        pred = prof.predict([{"heads": k, "ffn": w}] * n_layers)
         if pred <= 0:                     # everything removed, no constant and no timed floor: not a model
             continue
         if prof.base["median"] / pred >= target:
