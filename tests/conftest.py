@@ -92,6 +92,25 @@ def inputs(vocab: int, b: int = 2, t: int = 12, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def steady_profile(prof, out: Path, share: float = 0.5):
+    """(profile, path): `prof` with its module curves set by hand, saved to `out`. The dense model's timing is
+    kept; every attention and FFN curve becomes linear in its width, the blocks' dense modules summing to `share`
+    of it, the constant (and the timed all-removed floor) the rest, so the reach is 1 / (1 - share) exactly.
+    For pipeline tests whose subject is plan / apply / verify rather than the timer: a tiny model's one-round
+    timings on a busy 2-core machine can reach 0.86x, or leave a derived target at 1.0x (CI runs 6-8), and
+    the profile stage's own tests (test_latency.py, test_cli.py) and the loop's (test_loop.py) check timings."""
+    import dataclasses
+
+    base, n = prof.base["median"], prof.arch.n_layers
+    mods = {}
+    for kind, m in prof.modules.items():
+        full = max(m["widths"])
+        mods[kind] = {**m, "model": [share * base / (2 * n) * w / full for w in m["widths"]]}
+    steady = dataclasses.replace(prof, modules=mods, constant=(1 - share) * base, floor=(1 - share) * base,
+                                 fit={}, notes=[*prof.notes, f"tests: module curves set by hand ({share:g} of dense)"])
+    return steady, steady.save(out)
+
+
 def target_inside(prof, share: float = 0.5, cap: float = 1.2) -> float:
     """A speedup target well inside what a (noisy, one-round) profile of a tiny model reaches: `share` of the
     way from 1x to its largest reachable speedup, at most `cap`, at least 1.01x. A tiny model's timings on a busy

@@ -7,7 +7,7 @@ import planner
 from planner.config import PlanConfig, ProfileConfig, VerifyConfig
 from planner.errors import PlannerError
 
-from .conftest import _vocab, save_perturbed
+from .conftest import _vocab, save_perturbed, steady_profile
 
 
 def make_tiny_llama(path, layers=2, seed=0):
@@ -32,7 +32,8 @@ def test_profile_plan_apply_verify(tiny_llama, tmp_path, calib_file, heldout_fil
                                                             threads=1, n_mixed=3), out=tmp_path / "p.json",
                                   progress=False)
     assert prof.mode == mode and prof.shape["kv_heads"] == 4 and prof.times("attn").widths == [0, 1, 2, 3, 4]
-    assert 1.0 < prof.max_speedup() < float("inf")
+    assert prof.floor > 0 and prof.max_speedup() < float("inf")          # the all-removed model was timed
+    prof, ppath = steady_profile(prof, tmp_path / "steady.json")            # the subject here: plan, apply, verify
     target = round(1 + min(0.3, 0.5 * (prof.max_speedup() - 1)), 2)      # well inside what the profile reaches
     # open loop: the budget holds on the profile (the loop's own tests are test_loop.py)
     [plan] = planner.plan(tiny_llama, ppath, PlanConfig(search=0, loop_rounds=0, targets=(target,), calib_path=str(calib_file), n_calib=64,
@@ -154,6 +155,7 @@ def test_gradual_family_of_a_causal_lm(tiny_llama, tmp_path, calib_file, heldout
     prof, ppath = planner.profile(tiny_llama, ProfileConfig(batch_size=2, seq_len=16, mode="decode", rounds=1,
                                                             threads=1, n_mixed=0), out=tmp_path / "p.json",
                                   progress=False)
+    prof, ppath = steady_profile(prof, tmp_path / "steady.json")   # a busy machine once left t1 at 1.0x (CI run 7)
     top = prof.max_speedup()
     t1, t2 = round(1 + 0.2 * (top - 1), 2), round(1 + 0.5 * (top - 1), 2)
     df = planner.compress(tiny_llama, ppath, tmp_path / "fam",

@@ -19,7 +19,7 @@ from planner.stages.apply import apply_
 from planner.stages.database import DatabaseConfig, build
 from planner.types import Plan
 
-from .conftest import _vocab, mask_removed_, save_perturbed
+from .conftest import _vocab, mask_removed_, save_perturbed, steady_profile
 from .portable import load_without_planner
 
 V, D, L, H, F = 300, 64, 3, 4, 96            # vocab, hidden, layers, heads, FFN
@@ -318,8 +318,10 @@ def test_profile_plan_apply_verify(tmp_path, calib_file, heldout_file, case, mod
     prof, ppath = planner.profile(d, ProfileConfig(batch_size=2, seq_len=16, mode=mode, rounds=1, threads=1,
                                                    n_mixed=3), out=tmp_path / "p.json", progress=False)
     assert prof.mode == mode and prof.shape["family"] == adapter_for(planner.load(d)).family
-    assert prof.times("attn").widths == list(range(H + 1)) and 1.01 < prof.max_speedup() < float("inf")
-    target = round(1 + min(0.3, (prof.max_speedup() - 1) / 2), 3)     # reachable however noisy the timings
+    assert prof.times("attn").widths == list(range(H + 1)) and prof.floor > 0 and prof.max_speedup() < float("inf")
+    # a busy machine once timed this tiny OPT's all-removed model slower than the dense one (reach 0.86x, CI run 6)
+    prof, ppath = steady_profile(prof, tmp_path / "steady.json")
+    target = round(1 + min(0.3, (prof.max_speedup() - 1) / 2), 3)
     # open loop: the budget holds on the profile (the loop's own tests are test_loop.py)
     [plan] = planner.plan(d, ppath, PlanConfig(search=0, loop_rounds=0, targets=(target,), calib_path=str(calib_file), n_calib=64,
                                                calib_max_len=32), tmp_path / "plans", progress=False)
