@@ -127,6 +127,9 @@ class PlanConfig(_Config):
     n_buckets: int = opt(10_000, "time buckets of the DP (its resolution)", flag="buckets")
     tolerance: float = opt(0.02, "closed loop: a plan is kept when its measured speedup is within this share of "
                            "its target")
+    slow_guard: float = opt(0.5, "closed loop: a plan measured slower than its target is kept only within this "
+                            "share of --tolerance (verify's band is the whole tolerance: the rest absorbs the drift "
+                            "between the loop's timing and verify's)", type=float)
     loop_rounds: int = opt(4, "closed loop: rounds of timing the chosen architecture, correcting the latency "
                            "model and solving again (0: trust the profile, open loop)")
     device: str = opt("cpu", "where the OBS database and the search run", choices=DEVICES)
@@ -151,6 +154,7 @@ class PlanConfig(_Config):
         _check(self.structured or self.sparse, "--sparse-only needs the sparse levels: drop --no-sparse")
         _check(self.search_minutes is None or self.search_minutes > 0, "--search-minutes must be > 0")
         _check(0 < self.tolerance < 0.5, "--tolerance must be in (0, 0.5), e.g. 0.02")
+        _check(0 <= self.slow_guard <= 1, "--slow-guard must be in [0, 1], e.g. 0.5")
         _check(self.loop_rounds >= 0, "--loop-rounds must be >= 0")
         _check(self.search_repairs >= 0, "--search-repairs must be >= 0")
 

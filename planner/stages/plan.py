@@ -244,7 +244,7 @@ def _search(p: Plan, prof: LatencyProfile, db: Database, cfg: PlanConfig, loss_o
         r = timer.measure([cur.kept], 0.75 * cfg.tolerance, progress=progress)[0]
         measured, lo, hi = 1 / r.value, 1 / r.hi, 1 / r.lo
         tries.append({"layers": cur.kept, "measured": measured, "interval": [lo, hi], "pairs": r.pairs})
-        if abs(measured / t - 1) <= cfg.tolerance:
+        if loop.inside(measured, t, cfg):
             loop_rec = {**found.options.get("closed_loop", {}), "measured": measured, "interval": [lo, hi],
                         "correction": cur_corr,         # what the kept plan was predicted with (verify uses it)
                         "status": "within tolerance (the searched plan, timed)" + (", repaired" if attempt else "")}
@@ -271,7 +271,8 @@ def _search(p: Plan, prof: LatencyProfile, db: Database, cfg: PlanConfig, loss_o
     last = tries[-1]
     return dataclasses.replace(p, options={**p.options, "search": {
         **rec, "kept": False, "measured": last["measured"], "interval": last["interval"], "timed": tries, "why": (
-            f"the searched plan measured {last['measured']:.3f}x, outside {cfg.tolerance:.0%} of {t:g}x"
+            f"the searched plan measured {last['measured']:.3f}x, outside the loop's band "
+            f"[{loop.band(t, cfg)[0]:.3f}, {loop.band(t, cfg)[1]:.3f}]x"
             + (f" after {len(tries) - 1} repair(s)" if len(tries) > 1 else ""))}})
 
 
