@@ -13,7 +13,7 @@ import planner
 from planner.config import PlanConfig, RecoverConfig
 from planner.errors import PlannerError
 
-from .conftest import _vocab, make_tiny, save_perturbed, target_inside
+from .conftest import _vocab, make_tiny, save_perturbed, steady_profile, target_inside
 from .test_cli import FAST, _err, _ok
 from .test_decoder_pipeline import make_tiny_llama
 
@@ -24,17 +24,20 @@ def work(tiny_bert, calib_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     prof = root / "p.json"
     _ok(["profile", tiny_bert, *FAST, "--n-mixed", 3, "--out", prof, "-q"])
+    # the subject is bad input, not the timer: module curves set by hand (a busy CI machine timed 0.889x of reach)
+    steady_profile(planner.LatencyProfile.load(prof), prof)
     target = target_inside(planner.LatencyProfile.load(prof))
     _ok(["plan", "--search", 0, tiny_bert, "--profile", prof, "-x", target, "--calib", calib_file, "--n-calib", 32,
-         "--out", root / "plans", "-q"])
+         "--loop-rounds", 0, "--out", root / "plans", "-q"])
     plan = root / "plans" / f"plan-{target:g}x.json"
     _ok(["apply", tiny_bert, plan, "--out", root / "small", "-q"])
     llama = make_tiny_llama(root / "llama")
     lprof = root / "lp.json"
     _ok(["profile", llama, *FAST, "--n-mixed", 3, "--out", lprof, "-q"])
+    steady_profile(planner.LatencyProfile.load(lprof), lprof)
     lt = target_inside(planner.LatencyProfile.load(lprof))
     _ok(["plan", "--search", 0, llama, "--profile", lprof, "-x", lt, "--calib", calib_file, "--n-calib", 32,
-         "--out", root / "lplans", "-q"])
+         "--loop-rounds", 0, "--out", root / "lplans", "-q"])
     _ok(["apply", llama, root / "lplans" / f"plan-{lt:g}x.json", "--out", root / "lsmall", "-q"])
     return {"root": root, "profile": prof, "plan": plan, "target": target, "small": root / "small", "llama": llama,
             "lprofile": lprof, "lsmall": root / "lsmall"}
