@@ -138,6 +138,12 @@ def test_unreachable_target(tmp_path, tiny_bert, profiled, calib_file):
     assert not (tmp_path / "o").exists()
 
 
+def test_slow_guard_out_of_range(tmp_path, tiny_bert, profiled):
+    _err(["plan", tiny_bert, "--profile", profiled, "-x", 1.1, "--slow-guard", 2, "--out", tmp_path / "o"],
+         "--slow-guard must be in [0, 1]")
+    assert not (tmp_path / "o").exists()
+
+
 def test_empty_calibration(tmp_path, tiny_bert, profiled):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

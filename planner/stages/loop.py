@@ -20,9 +20,9 @@ interleaved against the dense model in the profile's regime, and kept when its m
 loop's band (`band`: within `tolerance` on the fast side, `slow_guard` x `tolerance` on the slow side).
 Otherwise an affine correction, measured ~ offset + scale x predicted, is fitted on every architecture measured
 so far (the dense model, the profile's mixed ones, all plans timed in the loop), weighted by how close each one's
-time is to this target's budget (latency.local_affine_fit), folded into the profile, and the DP solves again. Up to `loop_rounds` rounds; then the best measured plan is kept and the plan
-says the loop did not converge. Every round (prediction, measurement with its interval, correction) goes into
-the plan's options["closed_loop"].
+time is to this target's budget (latency.local_affine_fit), folded into the profile, and the DP solves again.
+Up to `loop_rounds` rounds; then the best measured plan is kept and the plan says the loop did not converge.
+Every round (prediction, measurement with its interval, correction) goes into the plan's options["closed_loop"].
 """
 from __future__ import annotations
 

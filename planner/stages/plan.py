@@ -268,11 +268,10 @@ def _search(p: Plan, prof: LatencyProfile, db: Database, cfg: PlanConfig, loss_o
         if loss >= rec["loss_seed"]:                      # the repair lost what the search gained
             break
         cur, cur_corr, cur_loss = fixed, corr2, loss
-    last = tries[-1]
+    last, (a, b) = tries[-1], loop.band(t, cfg)
     return dataclasses.replace(p, options={**p.options, "search": {
         **rec, "kept": False, "measured": last["measured"], "interval": last["interval"], "timed": tries, "why": (
-            f"the searched plan measured {last['measured']:.3f}x, outside the loop's band "
-            f"[{loop.band(t, cfg)[0]:.3f}, {loop.band(t, cfg)[1]:.3f}]x"
+            f"the searched plan measured {last['measured']:.3f}x, outside the loop's band [{a:.3f}, {b:.3f}]x"
             + (f" after {len(tries) - 1} repair(s)" if len(tries) > 1 else ""))}})
 
 
