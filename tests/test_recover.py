@@ -268,6 +268,28 @@ def test_interrupted_run_resumes_to_the_same_weights(recovered, student, tiny_be
     assert [r["val_total"] for r in rep.history] == [r["val_total"] for r in c_ref.history]
 
 
+def test_the_jobs_recover_in_a_child_process_to_the_same_weights(recovered, student, tiny_bert, tmp_path,
+                                                                monkeypatch):
+    """recover.Apart (the main and gradual jobs, which time models after training: a process that trained timed
+    a 3x model at 2.93x where it had timed 3.13x) runs the same recovery in a spawned child, errors included."""
+    import multiprocessing
+
+    from planner.errors import PlannerError
+    from planner.stages import recover as recover_stage
+    ref_out, cfg, ref = recovered
+    cfg = cfg.replace(threads=torch.get_num_threads())              # the child starts with torch's default
+    monkeypatch.setattr(R, "distill_", lambda *a, **k: pytest.fail("trained in this process"))
+    with recover_stage.Apart() as apart:
+        rep = apart.recover(student, tiny_bert, cfg, tmp_path / "r", progress=False)
+        assert len(multiprocessing.active_children()) == 1
+        with pytest.raises(PlannerError, match="--out must be a new directory"):      # one line, as raised there
+            apart.recover(student, tiny_bert, cfg, tiny_bert, progress=False)
+    assert not multiprocessing.active_children()                    # the child ends with the block
+    w0, w1 = _weights(ref_out), _weights(tmp_path / "r")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)               # the same computation, bit for bit
+    assert [r["val_total"] for r in rep.history] == [r["val_total"] for r in ref.history]
+
+
 def test_time_budget_fixes_the_step_count(student, tiny_bert, train_file, tmp_path):
     cfg = RecoverConfig(data_path=str(train_file), **{**FAST, "minutes": 0.05, "eval_every": 1000})
     rep = planner.recover(student, tiny_bert, cfg, out=tmp_path / "r", progress=False)

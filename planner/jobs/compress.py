@@ -76,54 +76,54 @@ def compress(model_path, profile_path, out_dir, plan_cfg: PlanConfig = PlanConfi
                                     device=prof.hardware.get("device", "cpu"))     # as the CLI does
     dense = None                                   # loaded once, when the first member is verified
     current, rows, plans = dense_ck, [], []
-    for k, t in enumerate(targets, 1):
-        tag = f"{t:g}x"
-        _log(f"[{k}/{len(targets)}] {tag}: from {current.path}", progress)
-        plan_path = out / "plans" / f"plan-{tag}.json"
-        if plan_path.exists():
-            p = Plan.load(plan_path)
-            if p.model.get("fingerprint") != current.fingerprint:
-                raise PlannerError(f"{plan_path} was planned from another model than {current.path}: delete {out} "
-                                   f"(or that plan) to start over")
-        else:
-            p = plan_step(current, prof, profile_path, t, plan_cfg, out / "plans", out / "plans" / f"db-{tag}",
-                          progress)
-        plans.append(p)
-        kept = " ".join(f"{l['heads']}/{l['ffn']}" for l in p.layers)
-        _log(f"      plan: predicted {p.predicted_speedup:.2f}x, kept heads/ffn per layer {kept}", progress)
-        oneshot = out / "models" / f"oneshot-{tag}"
-        if not (oneshot / "config.json").exists():
-            apply_stage.apply(current, p, oneshot, progress=progress,     # where the database was built
-                              cfg=ApplyConfig(device=plan_cfg.device, offload=plan_cfg.offload))
-        member = out / "models" / f"gradual-{tag}"
-        rec = None
-        if recover_cfg is None:
-            member = oneshot
-        else:
-            rec = recover_stage.recover(Checkpoint.open(oneshot), dense_ck, recover_cfg, out=member,
-                                        progress=progress)
-            _log(f"      recovered: {rec.steps} steps in {rec.train_time/60:.1f} min; held-back "
-                 f"{held_back(rec.before)} -> {held_back(rec.after)}", progress)
-        reps = {}
-        for name, mdir in (("oneshot", oneshot), ("gradual", member)):
-            rpath = out / "verify" / f"{name}-{tag}.json"
-            if rpath.exists():
-                reps[name] = VerifyReport.load(rpath)
-            elif name == "gradual" or recover_cfg is not None:
-                dense = dense if dense is not None else dense_ck.load(vc.device, DTYPES[prof.dtype])
-                reps[name] = verify_stage.verify(dense_ck, Checkpoint.open(mdir), vc, prof, out=rpath,
-                                                 dense_model=dense, progress=progress)
-        v = reps["gradual"]
-        keys, main = QUALITY[dense_ck.causal_lm]
-        rows.append({"target": t, "predicted": v.predicted_speedup, "measured": v.measured_speedup,
-                     **{k: v.quality[k] for k in keys},
-                     **{f"oneshot_{k}": reps["oneshot"].quality[k] if recover_cfg is not None else None
-                        for k in main},
-                     "recover_min": rec.train_time / 60 if rec else 0.0,
-                     "params_M": v.sizes["compressed_params"] / 1e6, "model": str(member)})
-        _log(f"      verify: measured {v.measured_speedup:.2f}x (predicted {v.predicted_speedup:.2f}x), "
-             + ", ".join(f"{k} {v.quality[k]:.3f}" for k in main), progress)
-        current = Checkpoint.open(member)
+    with recover_stage.Apart() as apart:    # training in a child: this process verifies the members after it
+        for k, t in enumerate(targets, 1):
+            tag = f"{t:g}x"
+            _log(f"[{k}/{len(targets)}] {tag}: from {current.path}", progress)
+            plan_path = out / "plans" / f"plan-{tag}.json"
+            if plan_path.exists():
+                p = Plan.load(plan_path)
+                if p.model.get("fingerprint") != current.fingerprint:
+                    raise PlannerError(f"{plan_path} was planned from another model than {current.path}: delete {out} "
+                                       f"(or that plan) to start over")
+            else:
+                p = plan_step(current, prof, profile_path, t, plan_cfg, out / "plans", out / "plans" / f"db-{tag}",
+                              progress)
+            plans.append(p)
+            kept = " ".join(f"{l['heads']}/{l['ffn']}" for l in p.layers)
+            _log(f"      plan: predicted {p.predicted_speedup:.2f}x, kept heads/ffn per layer {kept}", progress)
+            oneshot = out / "models" / f"oneshot-{tag}"
+            if not (oneshot / "config.json").exists():
+                apply_stage.apply(current, p, oneshot, progress=progress,     # where the database was built
+                                  cfg=ApplyConfig(device=plan_cfg.device, offload=plan_cfg.offload))
+            member = out / "models" / f"gradual-{tag}"
+            rec = None
+            if recover_cfg is None:
+                member = oneshot
+            else:
+                rec = apart.recover(oneshot, dense_ck.path, recover_cfg, member, progress)
+                _log(f"      recovered: {rec.steps} steps in {rec.train_time/60:.1f} min; held-back "
+                     f"{held_back(rec.before)} -> {held_back(rec.after)}", progress)
+            reps = {}
+            for name, mdir in (("oneshot", oneshot), ("gradual", member)):
+                rpath = out / "verify" / f"{name}-{tag}.json"
+                if rpath.exists():
+                    reps[name] = VerifyReport.load(rpath)
+                elif name == "gradual" or recover_cfg is not None:
+                    dense = dense if dense is not None else dense_ck.load(vc.device, DTYPES[prof.dtype])
+                    reps[name] = verify_stage.verify(dense_ck, Checkpoint.open(mdir), vc, prof, out=rpath,
+                                                     dense_model=dense, progress=progress)
+            v = reps["gradual"]
+            keys, main = QUALITY[dense_ck.causal_lm]
+            rows.append({"target": t, "predicted": v.predicted_speedup, "measured": v.measured_speedup,
+                         **{k: v.quality[k] for k in keys},
+                         **{f"oneshot_{k}": reps["oneshot"].quality[k] if recover_cfg is not None else None
+                            for k in main},
+                         "recover_min": rec.train_time / 60 if rec else 0.0,
+                         "params_M": v.sizes["compressed_params"] / 1e6, "model": str(member)})
+            _log(f"      verify: measured {v.measured_speedup:.2f}x (predicted {v.predicted_speedup:.2f}x), "
+                 + ", ".join(f"{k} {v.quality[k]:.3f}" for k in main), progress)
+            current = Checkpoint.open(member)
     import pandas as pd  # loaded when a table is made: the CLI starts faster
     df = pd.DataFrame(rows)
     table = format_family(df, prof) + "\n\n" + format_plan_table(plans)

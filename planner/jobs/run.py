@@ -138,13 +138,17 @@ def run(model_path, out_dir, cfg: RunConfig = RunConfig(), quiet: bool = False) 
         _write_results(out, rows, prof, show=not quiet, seconds=clock.seconds)   # the one-shot table first
         _log(f"[5/5] recover: {rcfg.minutes:g} min of distillation per planned model (early stop after "
              f"{rcfg.patience} evaluations without a {rcfg.min_delta:.1%} gain)", quiet)
-        for p, mdir, _, _ in jobs:
-            if p.method != "planner":
-                continue
-            rdir = out / "models" / f"recovered-{p.target_speedup:g}x"
-            rec = recover_stage.recover(Checkpoint.open(mdir), ck, rcfg, out=rdir, progress=progress)
-            _log(f"      {rdir.name}: {held_back(rec.before)} -> {held_back(rec.after)} ({rec.steps} steps, "
-                 f"{rec.train_time/60:.1f} min, {rec.stop})", quiet)
+        recovered = []
+        with recover_stage.Apart() as apart:    # training in a child: this process times the models after it
+            for p, mdir, _, _ in jobs:
+                if p.method != "planner":
+                    continue
+                rdir = out / "models" / f"recovered-{p.target_speedup:g}x"
+                rec = apart.recover(mdir, ck.path, rcfg, rdir, progress)
+                _log(f"      {rdir.name}: {held_back(rec.before)} -> {held_back(rec.after)} ({rec.steps} steps, "
+                     f"{rec.train_time/60:.1f} min, {rec.stop})", quiet)
+                recovered.append((p, rdir))
+        for p, rdir in recovered:
             rep = _verified(ck, rdir, out / "verify" / f"{rdir.name}.json", cfg, prof, dense, progress)
             rows.append({**result_row(p, rep), "method": "planner+recovery"})
         rows.sort(key=lambda r: (r["target"], r["method"]))

@@ -183,3 +183,44 @@ def apply_recover(ck: Checkpoint, p: Plan, out, recover_cfg: RecoverConfig = Rec
     if not (oneshot / "config.json").exists():
         apply(ck, p, oneshot, calib_path=calib_path, weights=weights, progress=progress, cfg=apply_cfg)
     return recover(Checkpoint.open(oneshot), ck, recover_cfg, out=out, progress=progress)
+
+
+def _recover_paths(student_path: str, teacher_path: str, cfg: RecoverConfig, out: str, progress: bool):
+    """`recover` by paths: what a child process runs (models and tokenizers are opened there)."""
+    return recover(Checkpoint.open(student_path), Checkpoint.open(teacher_path), cfg, out=out, progress=progress)
+
+
+class Apart:
+    """Recovery in a spawned child process, one reused for every call, for jobs that time models in this process
+    afterwards. A process that has trained times models slower: the same one-shot 3x weights measured 3.13x
+    against the dense model before a 1-minute recovery in the process and 2.93x after it (3.14x with the recovery
+    in a child), and the main job's recovered models verified at 0.93-0.98x of their own fresh-process timing
+    (runs/main-v9, docs/results.md). Use as a context manager; the child is started by the first call.
+    Errors come back as raised in the child: a PlannerError stays one line."""
+
+    def __init__(self):
+        self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self._pool is None:
+            return
+        if exc_type is not None:      # interrupted or failed: the child is not waited for (recovery resumes)
+            for p in list((getattr(self._pool, "_processes", None) or {}).values()):
+                p.terminate()
+        self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
+
+    def recover(self, student_path, teacher_path, cfg: RecoverConfig, out, progress: bool = True) -> RecoverReport:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        if self._pool is None:        # spawn, not fork: a fresh interpreter, not a copy of this process's heap
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return self._pool.submit(_recover_paths, str(student_path), str(teacher_path), cfg, str(out),
+                                     progress).result()
+        except BrokenProcessPool:
+            raise PlannerError(f"the recovery process for {out} ended without a result (out of memory?): run "
+                               f"again to resume from its checkpoint, or lower --recover-minutes") from None
