@@ -89,7 +89,8 @@ def recover(compressed_path, teacher_path, cfg: RecoverConfig = RecoverConfig(),
             callback=None) -> RecoverReport:
     """Distil the compressed model at `compressed_path` from the dense `teacher_path`; write the recovered model
     to `out` (a portable HF directory like `apply` writes, with `recover.json`). Resumable; a finished run is
-    not redone."""
+    not redone. Training here slows later timings in this process by a few percent: to verify afterwards in the
+    same process, recover through `planner.stages.recover.Apart` (a child process) as the jobs do."""
     return recover_stage.recover(Checkpoint.open(compressed_path), Checkpoint.open(teacher_path), cfg, out,
                                  progress, callback)
 
