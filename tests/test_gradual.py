@@ -11,7 +11,7 @@ from planner.cli import main
 from planner.config import PlanConfig
 from planner.types import LatencyProfile, Plan, RecoverReport, VerifyReport
 
-from .conftest import target_inside
+from .conftest import steady_profile, target_inside
 
 FAST = ["--rounds", "1", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]
 
@@ -24,9 +24,11 @@ def _ok(args):
 
 @pytest.fixture(scope="module")
 def profiled(tiny_bert, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gprof") / "p.json"
-    _ok(["profile", tiny_bert, *FAST, "--out", out, "-q"])
-    return out
+    d = tmp_path_factory.mktemp("gprof")
+    _ok(["profile", tiny_bert, *FAST, "--out", d / "timed.json", "-q"])
+    # module curves set by hand (reach 2x): a busy machine's one-round profile reached 1.04x, and the family's
+    # two targets 1.01x / 1.03x came out predicted in the wrong order (CI, 2026-12-03)
+    return steady_profile(LatencyProfile.load(d / "timed.json"), d / "p.json")[1]
 
 
 def _targets(profile_path):
@@ -40,6 +42,7 @@ def test_compress_builds_a_family(tiny_bert, profiled, calib_file, heldout_file,
     t1, t2 = _targets(profiled)
     out = tmp_path / "fam"
     args = ["compress", tiny_bert, "--profile", profiled, "-x", t2, "-x", t1, "--calib", calib_file, "--n-calib", 48, "--search", 0,
+            "--loop-rounds", 0,
             "--recover-data", calib_file, "--recover-steps", 3, "--verify-reps", 3, "--out", out, "-q"]
     r = _ok(args)
     assert "spearman" in r.output and f"{t1:g}x" in r.output
