@@ -16,7 +16,8 @@ clock stopped, which gives quality against recovery time:
                generated held-out passages); the training text, unless --recover-data is given, is passages of the
                tiny LM's own training generator (tinylm), never the held-out seed.
 Then dense, one-shot and recovered models are timed in one interleaved run (rotating order) in the regime and
-at the batch x seq of the run's profile, to show that recovery leaves the measured speedup where it was.
+at the batch x seq of the run's profile, to show that recovery leaves the measured speedup where it was. The
+timing runs in a spawned process: this one has trained, and a process that has trained can time slow.
 
 Writes WORK/results.json, WORK/results.md and WORK/quality-vs-time.png.
 """
@@ -56,6 +57,23 @@ def time_three(models: dict, adapter, prof: LatencyProfile, reps: int) -> dict:
     return {k: {"median": median(v), "spread": spread(v)} for k, v in acc.items()} | {"_raw": acc}
 
 
+def _time_paths(paths: dict, prof_path: str, reps: int, threads) -> dict:
+    """time_three on the models saved at `paths`, in this (fresh) process."""
+    hardware.set_threads(threads)
+    loaded = {k: load_model(p) for k, p in paths.items()}
+    return time_three({k: m for k, (m, _) in loaded.items()}, next(iter(loaded.values()))[1],
+                      LatencyProfile.load(prof_path), reps)
+
+
+def time_apart(paths: dict, prof_path, reps: int, threads) -> dict:
+    """time_three in a spawned process: this one has trained, and a process that has trained can time models
+    slow afterwards (docs/results.md, "Timing after training")."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(_time_paths, {k: str(v) for k, v in paths.items()}, str(prof_path), reps, threads).result()
+
+
 def _heldout(model_path, adapter, run: Path, dense):
     """model -> held-out quality dict against `dense` (see the module docstring)."""
     tok = load_tokenizer(model_path)
@@ -86,7 +104,8 @@ def main(run_dir, targets, budgets, threads, reps, work, no_timing, lm_train_pas
     hardware.set_threads(a.threads)
     run, work = Path(a.run), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    prof = LatencyProfile.load(next(run.glob("profile-*.json")))
+    prof_path = next(run.glob("profile-*.json"))
+    prof = LatencyProfile.load(prof_path)
     model_path = Path(Plan.load(next((run / "plans").glob("plan-*.json"))).model["path"])
     dense, adapter = load_model(model_path)
     cfg = config_from(RecoverConfig, kw, prefix="recover-", exclude=("minutes", "threads"), minutes=a.minutes,
@@ -135,7 +154,8 @@ def main(run_dir, targets, budgets, threads, reps, work, no_timing, lm_train_pas
             if longest:
                 curves[f"{t:g}x"] = curve
                 if not a.no_timing:
-                    tm = time_three({"dense": dense, "oneshot": oneshot, "recovered": rec}, adapter, prof, a.reps)
+                    tm = time_apart({"dense": model_path, "oneshot": src, "recovered": out}, prof_path, a.reps,
+                                    a.threads)
                     row["speedup_oneshot"] = tm["dense"]["median"] / tm["oneshot"]["median"]
                     row["speedup_recovered"] = tm["dense"]["median"] / tm["recovered"]["median"]
                     row["speed_change"] = row["speedup_recovered"] / row["speedup_oneshot"] - 1

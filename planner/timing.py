@@ -19,6 +19,21 @@ import torch
 
 from . import hardware
 
+# Set once this process has trained a model (recover/distill). The same one-shot 3x weights timed 3.13x against the
+# dense model before a 1-minute recovery in the process and 2.93x after it (3.14x with the recovery in a spawned
+# child; docs/results.md, "Timing after training"); the jobs train in a child, and verify warns when it times here.
+_TRAINED_HERE = False
+
+
+def mark_trained() -> None:
+    global _TRAINED_HERE
+    _TRAINED_HERE = True
+
+
+def trained_here() -> bool:
+    """Whether this process has trained a model: its CPU timings can read slow afterwards."""
+    return _TRAINED_HERE
+
 
 def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device: str = "cpu") -> list[float]:
     """Seconds per call for `reps` calls after `warmup` untimed ones, under the steady allocator

@@ -2,6 +2,7 @@
 after an interruption, the architecture left alone, and bad input through the CLI."""
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import planner
-from planner.adapters.checkpoint import load_model, save_portable
+from planner.adapters.checkpoint import Checkpoint, load_model, save_portable
 from planner.cli import main
-from planner.config import RecoverConfig
+from planner.config import RecoverConfig, VerifyConfig
 from planner.data import read_lines
+from planner.errors import PlannerWarning
 from planner.stages import distill as R
 from planner.types import RecoverReport
 
@@ -288,6 +290,26 @@ def test_the_jobs_recover_in_a_child_process_to_the_same_weights(recovered, stud
     w0, w1 = _weights(ref_out), _weights(tmp_path / "r")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)               # the same computation, bit for bit
     assert [r["val_total"] for r in rep.history] == [r["val_total"] for r in ref.history]
+    with recover_stage.Apart() as apart:                            # resumed with the recovery finished:
+        assert apart.recover(student, tiny_bert, cfg, tmp_path / "r", progress=False) == rep
+        assert not multiprocessing.active_children()                # the report is read here, no child started
+    changed = cfg.replace(lr=cfg.lr / 2)                            # other settings: not the finished run
+    assert recover_stage.finished(*map(Checkpoint.open, (student, tiny_bert)), changed, tmp_path / "r") is None
+
+
+def test_verify_warns_in_a_process_that_has_trained(recovered, tiny_bert, monkeypatch):
+    """Timing after training in the same process can read slow (3.13x before, 2.93x after): verify says so."""
+    from planner import timing
+    cfg = VerifyConfig(batch_size=2, seq_len=8, reps=3, max_reps=3, n_text=8)
+    out, _, _ = recovered                                           # trained in this process
+    assert timing.trained_here()
+    with pytest.warns(PlannerWarning, match="this process has trained a model"):
+        planner.verify(tiny_bert, out, cfg, progress=False)
+    monkeypatch.setattr(timing, "_TRAINED_HERE", False)             # a fresh process: no such warning
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        planner.verify(tiny_bert, out, cfg, progress=False)
+    assert not [w for w in got if "has trained" in str(w.message)]
 
 
 def test_time_budget_fixes_the_step_count(student, tiny_bert, train_file, tmp_path):
@@ -301,7 +323,6 @@ def test_time_budget_follows_the_pace(student, tiny_bert, train_file, tmp_path, 
     """The first training passes (the ones the first estimate of the step count is timed on) are slow, as a
     machine's first calls can be, the rest fast: the step count follows the pace, so the budget is used and the
     learning rate has annealed at its end. (Planned from the first estimate alone, the run stopped early.)"""
-    from planner.adapters.checkpoint import Checkpoint
     cls = type(Checkpoint.open(student).adapter)
     orig, slow = cls.distill_outputs, [5]
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import hardware, io
+from .. import hardware, io, timing
 from ..config import RecoverConfig
 from ..errors import PlannerError
 from ..progress import bar as progress_bar
@@ -304,6 +304,7 @@ def distill_(student, teacher, adapter, data: DistillData, val: list[dict], cfg:
     (event = the history row) with the clock stopped; raising KeyboardInterrupt from it interrupts the run
     as Ctrl-C would. Rerunning with the same `ckpt_dir` and `identity` resumes from the last checkpoint.
     """
+    timing.mark_trained()                                            # verify in this process warns afterwards
     dev = torch.device(cfg.device)
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and hardware.fast_bf16(dev.type))
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16)     # training passes only

@@ -31,15 +31,7 @@ def _training_text(tokenizer, cfg, vocab_size: int, truncate: bool = True):
     if cfg.data_path and Path(cfg.data_path).resolve() in {p.resolve() for p in data.heldout_sets().values()}:
         raise PlannerError("the training text is a shipped held-out set that verify scores on: "
                            "train on other text (default: the shipped calibration and distillation text)")
-    # default: the calibration text and the distillation text, prose and docstrings (1350 passages alone were seen
-    # 40-50 times in a 10-minute run; with 3951 more, nearest-neighbour agreement at 2x went from 0.697 to 0.760)
-    lines = data.read_lines(cfg.data_path, data.DEFAULT_TRAINING, "training text file")
-    labels = None
-    if cfg.task_weight:
-        parts = [l.rsplit("\t", 1) for l in lines]
-        if not all(len(p) == 2 and p[1].strip().lstrip("-").isdigit() for p in parts):
-            raise PlannerError("--task-weight needs labelled data: every line 'text<TAB>integer label'")
-        lines, labels = [p[0] for p in parts], [int(p[1]) for p in parts]
+    lines, labels = _lines(cfg)
     enc = tokenizer(lines, add_special_tokens=False, truncation=truncate,
                     max_length=cfg.max_len - 2 if truncate else None)["input_ids"]
     data.check_ids([t for e in enc for t in e], vocab_size)
@@ -55,7 +47,48 @@ def _training_text(tokenizer, cfg, vocab_size: int, truncate: bool = True):
     # substitution pool: real pieces only (no special, [unused] or <...> placeholders), ids the model embeds
     pool = np.array(sorted(i for t, i in tokenizer.get_vocab().items()
                            if i < vocab_size and i not in special and not re.fullmatch(r"\[.*\]|<.*>", t)))
-    return enc, labels, Special(cls, sep, pad), pool, io.sha256_text(*lines, *map(str, labels or []))
+    return enc, labels, Special(cls, sep, pad), pool, _text_hash(lines, labels)
+
+
+def _lines(cfg) -> tuple[list[str], list[int] | None]:
+    """(training passages, their labels or None) as read from --data or the shipped default."""
+    # default: the calibration text and the distillation text, prose and docstrings (1350 passages alone were seen
+    # 40-50 times in a 10-minute run; with 3951 more, nearest-neighbour agreement at 2x went from 0.697 to 0.760)
+    lines = data.read_lines(cfg.data_path, data.DEFAULT_TRAINING, "training text file")
+    labels = None
+    if cfg.task_weight:
+        parts = [l.rsplit("\t", 1) for l in lines]
+        if not all(len(p) == 2 and p[1].strip().lstrip("-").isdigit() for p in parts):
+            raise PlannerError("--task-weight needs labelled data: every line 'text<TAB>integer label'")
+        lines, labels = [p[0] for p in parts], [int(p[1]) for p in parts]
+    return lines, labels
+
+
+def _text_hash(lines, labels) -> str:
+    return io.sha256_text(*lines, *map(str, labels or []))
+
+
+def _identity(student_ck: Checkpoint, teacher_ck: Checkpoint, cfg: RecoverConfig, data_hash: str) -> dict:
+    """What a finished recovery is matched on: both models, the training text and the settings that change the
+    result (not threads, checkpoint cadence or device)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "ckpt_every", "device")}
+    return {"student": student_ck.fingerprint, "teacher": teacher_ck.fingerprint, "data": data_hash,
+            "config": settings}
+
+
+def finished(student_ck: Checkpoint, teacher_ck: Checkpoint, cfg: RecoverConfig, out,
+             data_hash: str | None = None) -> RecoverReport | None:
+    """The report of a recovery of these models with this text and these settings already written to `out`,
+    or None: a finished run is returned without training again. data_hash: the training text's, when known."""
+    out = Path(out)
+    if not ((out / "recover.json").exists() and (out / "config.json").exists()):
+        return None
+    try:
+        done = RecoverReport.load(out / "recover.json")
+    except PlannerError:
+        return None
+    identity = _identity(student_ck, teacher_ck, cfg, data_hash or _text_hash(*_lines(cfg)))
+    return done if done.identity == identity else None
 
 
 def _lm_training_windows(ids, tr, va, tok, pool, cfg):
@@ -114,16 +147,9 @@ def _recover(student_ck, teacher_ck, cfg, out, progress, callback, t_start):
                            f"{type(teacher).__name__}): load both with the same head")
     if cfg.task_weight and sk != "sequence":
         raise PlannerError("--task-weight needs a sequence-classification head on the models")
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "ckpt_every", "device")}
-    identity = {"student": student_ck.fingerprint, "teacher": teacher_ck.fingerprint, "data": data_hash,
-                "config": settings}
-    if (out / "recover.json").exists() and (out / "config.json").exists():
-        try:
-            done = RecoverReport.load(out / "recover.json")
-        except PlannerError:
-            done = None
-        if done is not None and done.identity == identity:
-            return done                                              # finished before: not redone
+    identity = _identity(student_ck, teacher_ck, cfg, data_hash)
+    if (done := finished(student_ck, teacher_ck, cfg, out, data_hash)) is not None:
+        return done                                                  # finished before: not redone
     tr, va = split_passages(len(ids), cfg.val_fraction, cfg.seed)
     if adapter.causal_lm:
         train, val = _lm_training_windows(ids, tr, va, tok, pool, cfg)
@@ -216,6 +242,8 @@ class Apart:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
+        if (done := finished(Checkpoint.open(student_path), Checkpoint.open(teacher_path), cfg, out)) is not None:
+            return done               # a resumed job whose recovery finished: no child is started for it
         if self._pool is None:        # spawn, not fork: a fresh interpreter, not a copy of this process's heap
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:

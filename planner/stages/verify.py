@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .. import data, hardware, io
+from .. import data, hardware, io, timing
 from ..adapters.checkpoint import Checkpoint, check_pair, n_params
 from ..config import ProfileConfig, VerifyConfig
 from ..data import batches as make_batches
@@ -145,6 +145,9 @@ def verify(dense_ck: Checkpoint, comp_ck: Checkpoint, cfg: VerifyConfig = Verify
     sets = {name: data.sample(data.read_lines(path, what="held-out text file"), cfg.n_text, seed=1)
             for name, path in data.heldout_sets(cfg.text_path).items()}
     _warn_far_from_calibration(comp_ck, sets)
+    if timing.trained_here() and cfg.device == "cpu":
+        warn("this process has trained a model, and a process that has trained can time models up to 7% slow "
+             "afterwards (docs/results.md): quote the speedup of `planner verify` run in a fresh process")
     # both models in the dtype the latency was profiled in (the profile's, else the one the plan recorded): a
     # bfloat16 profile predicts bfloat16 speed
     dtype = (prof.dtype if prof is not None else rec.get("profile", {}).get("dtype")) or "float32"
