@@ -76,19 +76,22 @@ def _identity(student_ck: Checkpoint, teacher_ck: Checkpoint, cfg: RecoverConfig
             "config": settings}
 
 
-def finished(student_ck: Checkpoint, teacher_ck: Checkpoint, cfg: RecoverConfig, out,
-             data_hash: str | None = None) -> RecoverReport | None:
+def finished(student_ck: Checkpoint, teacher_ck: Checkpoint, cfg: RecoverConfig, out) -> RecoverReport | None:
     """The report of a recovery of these models with this text and these settings already written to `out`,
-    or None: a finished run is returned without training again. data_hash: the training text's, when known."""
+    or None: a finished run is returned without training again."""
     out = Path(out)
     if not ((out / "recover.json").exists() and (out / "config.json").exists()):
-        return None
+        return None                                                  # nothing written: no text read, no hash
+    return _done(out, _identity(student_ck, teacher_ck, cfg, _text_hash(*_lines(cfg))))
+
+
+def _done(out: Path, identity: dict) -> RecoverReport | None:
+    """`out`'s report where it was written by a finished run of this identity, else None."""
     try:
-        done = RecoverReport.load(out / "recover.json")
-    except PlannerError:
+        done = RecoverReport.load(out / "recover.json") if (out / "config.json").exists() else None
+    except PlannerError:                                             # missing or damaged: not finished
         return None
-    identity = _identity(student_ck, teacher_ck, cfg, data_hash or _text_hash(*_lines(cfg)))
-    return done if done.identity == identity else None
+    return done if done is not None and done.identity == identity else None
 
 
 def _lm_training_windows(ids, tr, va, tok, pool, cfg):
@@ -148,7 +151,7 @@ def _recover(student_ck, teacher_ck, cfg, out, progress, callback, t_start):
     if cfg.task_weight and sk != "sequence":
         raise PlannerError("--task-weight needs a sequence-classification head on the models")
     identity = _identity(student_ck, teacher_ck, cfg, data_hash)
-    if (done := finished(student_ck, teacher_ck, cfg, out, data_hash)) is not None:
+    if (done := _done(out, identity)) is not None:
         return done                                                  # finished before: not redone
     tr, va = split_passages(len(ids), cfg.val_fraction, cfg.seed)
     if adapter.causal_lm:
